@@ -1,0 +1,49 @@
+# Two commands matter: `make demo` and `make test`. Both bootstrap everything they need.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+DATA    := data
+DEMO    := $(DATA)/demo
+
+.PHONY: setup test demo bench lint clean sysdeps
+
+setup: $(STAMP)
+
+# FFCV compiles against OpenCV and libjpeg-turbo; install them when pkg-config cannot see them.
+SYSPKGS := pkg-config libopencv-dev libturbojpeg0-dev
+sysdeps:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
+	else echo "fastpipe needs system libraries for ffcv. Run:  sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	# numpy and cython first: ffcv's setup.py imports numpy while building
+	$(VPY) -m pip install -q "numpy>=1.26" cython pkgconfig
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dali,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	$(VPY) -m convert synthetic --out $(DEMO)/images --classes 10 --per-class 60
+	$(VPY) -m convert folder $(DEMO)/images --out $(DEMO)/betons
+	$(VPY) -m fastpipe.train --config cpu-smoke.toml --data.path=$(DEMO)/betons --run.dir=runs/demo
+	$(VPY) -m benchmarks loaders --data $(DEMO)/betons --backends ffcv,dali,torch --res 128 \
+		--workers 2 --batch-size 64 --epochs 2 --out runs/demo/loader-report
+	@echo "demo outputs: runs/demo (metrics.csv, plots/*.png, summary.json) and runs/demo/loader-report"
+
+bench: setup
+	$(VPY) -m pytest benchmarks --benchmark-json=runs/bench.json
+
+lint: setup
+	$(VPY) -m ruff check convert fastpipe benchmarks tests
+
+clean:
+	rm -rf $(VENV) runs $(DATA)

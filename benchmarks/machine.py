@@ -1,0 +1,82 @@
+"""What a benchmark ran on: CPU, cores, memory, GPU and library versions.
+
+Every report carries this block so that figures from two machines are never compared unknowingly.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+
+import psutil
+
+# Distribution names, so versions are read without importing ffcv (numba compiles on import) or DALI.
+PACKAGES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "ffcv": "ffcv",
+    "dali": "nvidia-dali-cuda130",
+    "numpy": "numpy",
+    "numba": "numba",
+    "pillow": "pillow",
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name, dist in PACKAGES.items():
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def gpu_info() -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {"name": props.name, "count": torch.cuda.device_count(),
+            "memory_gb": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+
+
+def machine_info() -> dict:
+    """A JSON-ready description of this machine and software stack."""
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu_info(),
+        "versions": package_versions(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def describe(machine: dict) -> str:
+    """One line for table captions: 'Intel Xeon ..., 2 cores, 23.4 GiB, no GPU'."""
+    gpu = machine.get("gpu")
+    gpu_text = f"{gpu['count']}x {gpu['name']}" if gpu else "no GPU"
+    return (f"{machine.get('cpu_model')}, {machine.get('cores_usable')} cores, "
+            f"{machine.get('memory_gb')} GiB, {gpu_text}")
