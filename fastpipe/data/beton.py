@@ -1,0 +1,134 @@
+"""The contract between the converter and the loaders: manifest format and beton integrity checks.
+
+FFCV's .beton has no magic number or checksum and its reader accepts a half-written file (then aborts
+inside OpenCV), so every loader calls `check_beton` first. The checks here are cheap (header + size);
+the full sha256 is only recomputed by `python -m convert verify`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+SPLITS = ("train", "val")
+
+# Mirrors ffcv.types.HeaderType / ALLOC_TABLE_TYPE (ffcv 1.0.x, format version 2). Kept here so the
+# integrity check needs only numpy and never imports ffcv (which compiles numba code on import).
+BETON_HEADER = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+     ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+SUPPORTED_VERSIONS = (2,)
+
+
+class BetonError(RuntimeError):
+    """A beton or manifest is missing, truncated or inconsistent. The message says what to do."""
+
+
+def convert_hint(data_dir: str | os.PathLike) -> str:
+    return (f"Create it with `python -m convert folder IMAGE_FOLDER --out {data_dir}` "
+            f"(or `python -m convert synthetic --out data/synthetic` for a stand-in data set).")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """Load DIR/manifest.json, with an error that names the file and the convert command."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise BetonError(f"Data folder {data_dir} does not exist. {convert_hint(data_dir)}")
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BetonError(f"No manifest at {path}: this folder was not written by `python -m convert`. "
+                         f"{convert_hint(data_dir)}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BetonError(f"Manifest {path} is not valid JSON ({err}). Re-run the conversion with --force.") from err
+    for key in ("classes", "splits"):
+        if key not in manifest:
+            raise BetonError(f"Manifest {path} has no '{key}' entry. Re-run the conversion with --force.")
+    return manifest
+
+
+def split_info(manifest: dict, split: str, data_dir: str | os.PathLike = "") -> dict:
+    if split not in manifest["splits"]:
+        known = ", ".join(sorted(manifest["splits"])) or "none"
+        raise BetonError(f"Split '{split}' is not in the manifest of {data_dir} (it has: {known}).")
+    return manifest["splits"][split]
+
+
+def read_header(path: str | os.PathLike) -> np.void:
+    with open(path, "rb") as handle:
+        raw = handle.read(BETON_HEADER.itemsize)
+    if len(raw) < BETON_HEADER.itemsize:
+        raise BetonError(f"{path} is too short to be a beton ({len(raw)} bytes).")
+    return np.frombuffer(raw, dtype=BETON_HEADER)[0]
+
+
+def check_beton(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> Path:
+    """Cheap integrity check of DIR/<split>.beton against the manifest; returns the beton path.
+
+    Checks existence, size on disk, the header's version and sample count, and that the allocation
+    table (written last by FFCV) lies inside the file and ends exactly at its end.
+    """
+    data_dir = Path(data_dir)
+    manifest = manifest or read_manifest(data_dir)
+    info = split_info(manifest, split, data_dir)
+    path = data_dir / info.get("beton", f"{split}.beton")
+    if not path.is_file():
+        raise BetonError(f"Missing beton {path} (listed in {data_dir / MANIFEST_NAME}). {convert_hint(data_dir)}")
+    size = path.stat().st_size
+    fix = f"Re-create it with `python -m convert ... --out {data_dir} --force`."
+    if "size_bytes" in info and size != info["size_bytes"]:
+        raise BetonError(f"{path} is {size} bytes but the manifest says {info['size_bytes']}: the file is "
+                         f"truncated or was changed after conversion. {fix}")
+    header = read_header(path)
+    if int(header["version"]) not in SUPPORTED_VERSIONS:
+        raise BetonError(f"{path} has beton format version {int(header['version'])}, expected "
+                         f"{SUPPORTED_VERSIONS}; it is corrupt or from another FFCV release. {fix}")
+    samples = int(header["num_samples"])
+    if samples != info["written"]:
+        raise BetonError(f"{path} holds {samples} samples but the manifest says {info['written']}. {fix}")
+    table = int(header["alloc_table_ptr"])
+    if not BETON_HEADER.itemsize <= table <= size or (size - table) % ALLOC_ENTRY.itemsize:
+        raise BetonError(f"{path} has a corrupt header (allocation table at byte {table} of {size}): "
+                         f"the write did not finish. {fix}")
+    return path
