@@ -70,7 +70,8 @@ def machine_info() -> dict:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": gpu_info(),
         "versions": package_versions(),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        # orig_argv keeps `-m benchmarks`; argv[0] would be the path of __main__.py.
+        "command": " ".join([os.path.basename(sys.executable), *getattr(sys, "orig_argv", sys.argv)[1:]]),
     }
 
 

@@ -23,9 +23,11 @@ TABLE_COLUMNS = {
 }
 
 
-def format_value(value) -> str:
+def format_value(value, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float) and key.startswith("ratio"):
+        return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 10 else f"{value:,.0f}"
     return str(value)
@@ -37,7 +39,7 @@ def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
              "|" + "|".join("---:" if key not in ("backend", "split", "device") else "---"
                             for key in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(key)) for key in columns) + " |")
+        lines.append("| " + " | ".join(format_value(row.get(key), key) for key in columns) + " |")
     return "\n".join(lines)
 
 
@@ -46,7 +48,7 @@ def rich_table(rows: list[dict], columns: dict[str, str], title: str | None = No
     for key, header in columns.items():
         table.add_column(header, justify="left" if key in ("backend", "split", "device") else "right")
     for row in rows:
-        table.add_row(*(format_value(row.get(key)) for key in columns))
+        table.add_row(*(format_value(row.get(key), key) for key in columns))
     return table
 
 
@@ -63,9 +65,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(path: Path, payload: dict, title: str) -> None:
+def write_markdown(path: Path, payload: dict, title: str, columns: dict[str, str] | None = None) -> None:
     rows = payload["results"]
-    columns = {key: header for key, header in TABLE_COLUMNS.items() if any(key in row for row in rows)}
+    columns = {key: header for key, header in (columns or TABLE_COLUMNS).items()
+               if any(key in row for row in rows)}
     parts = [f"# {title}", "", f"Machine: {describe(payload['machine'])}", ""]
     settings = payload.get("settings") or {}
     if settings:
@@ -122,14 +125,15 @@ def write_loader_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
     return paths
 
 
-def write_report(out_dir: str | Path, payload: dict, title: str, plots: bool = True) -> list[Path]:
+def write_report(out_dir: str | Path, payload: dict, title: str, plots: bool = True,
+                 columns: dict[str, str] | None = None) -> list[Path]:
     """Write JSON, CSV, Markdown (and plots for loader rows) into `out_dir`; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "results.json", out_dir / "results.csv", out_dir / "results.md"]
     written[0].write_text(json.dumps(payload, indent=2) + "\n")
     write_csv(written[1], payload["results"])
-    write_markdown(written[2], payload, title)
+    write_markdown(written[2], payload, title, columns)
     if plots:
         written += write_loader_plots(out_dir, payload["results"])
     return written

@@ -21,6 +21,7 @@ class ResourceSampler:
     def __init__(self, interval_s: float = 0.05):
         self.interval_s = interval_s
         self.peak_rss_bytes = 0
+        self.current_rss_bytes = 0
         self.cpu_util_pct = 0.0
         self.wall_s = 0.0
         # CPU seconds last seen per pid: children that exit keep counting up to their last sample.
@@ -41,6 +42,7 @@ class ResourceSampler:
             return [self._root]
 
     def sample(self) -> None:
+        """Read RSS and CPU time of the whole tree now (also called by the thread)."""
         rss = 0
         for proc in self._tree():
             try:
@@ -50,6 +52,7 @@ class ResourceSampler:
                     self._cpu_seen[proc.pid] = times.user + times.system
             except psutil.Error:   # exited between listing and reading
                 continue
+        self.current_rss_bytes = rss
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
 
     def _cpu_total(self) -> float:
@@ -59,7 +62,7 @@ class ResourceSampler:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self):
         self.sample()
         # Children alive now (e.g. persistent workers from an earlier run) count only from here on.
         self._baseline_cpu = self._cpu_total()

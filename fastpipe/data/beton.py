@@ -132,3 +132,62 @@ def check_beton(data_dir: str | os.PathLike, split: str, manifest: dict | None =
         raise BetonError(f"{path} has a corrupt header (allocation table at byte {table} of {size}): "
                          f"the write did not finish. {fix}")
     return path
+
+
+# --- Raw sample access, for loaders that decode outside FFCV (DALI) ---------------------------------
+# Mirrors ffcv.types.FieldDescType and RGBImageField/IntField metadata (ffcv 1.0.x), read with numpy
+# alone for the same reason as BETON_HEADER above.
+FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                      align=True)
+IMAGE_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+SAMPLE_METADATA = np.dtype([("image", IMAGE_METADATA), ("label", "<i8")], align=True)
+EXPECTED_FIELDS = (("image", 2), ("label", 1))   # (name, ffcv type id: RGBImageField, IntField)
+MODE_JPEG, MODE_RAW = 0, 1
+
+
+class BetonSamples:
+    """Per-sample access to a beton's stored image bytes and labels, through a read-only memory map.
+
+    `encoded(i)` is the stored JPEG for jpg-mode samples and the raw HxWx3 RGB pixels otherwise
+    (write modes raw, smart and proportion store some samples raw; see `mode`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        header = read_header(self.path)
+        fields = np.fromfile(self.path, dtype=FIELD_DESC, count=int(header["num_fields"]),
+                             offset=BETON_HEADER.itemsize)
+        found = tuple((bytes(f["name"]).rstrip(b"\0").decode(), int(f["type_id"])) for f in fields)
+        if found != EXPECTED_FIELDS:
+            raise BetonError(f"{self.path} has fields {found}, expected {EXPECTED_FIELDS} "
+                             f"(image then label, as `python -m convert` writes them).")
+        self.num_samples = int(header["num_samples"])
+        metadata = np.fromfile(self.path, dtype=SAMPLE_METADATA, count=self.num_samples,
+                               offset=BETON_HEADER.itemsize + fields.nbytes)
+        table = np.fromfile(self.path, dtype=ALLOC_ENTRY, offset=int(header["alloc_table_ptr"]))
+        self.mode = metadata["image"]["mode"].copy()
+        self.width = metadata["image"]["width"].astype(np.int64)
+        self.height = metadata["image"]["height"].astype(np.int64)
+        self.labels = metadata["label"].copy()
+        self.offset = metadata["image"]["data_ptr"].astype(np.int64)
+        # The allocation table maps each region's start to its size; images are looked up by start.
+        by_ptr = np.argsort(table["ptr"])
+        starts, sizes = table["ptr"][by_ptr].astype(np.int64), table["size"][by_ptr].astype(np.int64)
+        where = np.searchsorted(starts, self.offset)
+        if self.num_samples and (where.max() >= len(starts) or (starts[where] != self.offset).any()):
+            raise BetonError(f"{self.path}: an image pointer is missing from the allocation table; "
+                             f"the file is corrupt. Re-create it with `python -m convert ... --force`.")
+        self.size = sizes[where] if self.num_samples else np.zeros(0, np.int64)
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        if self.num_samples and int((self.offset + self.size).max()) > len(self.data):
+            raise BetonError(f"{self.path}: sample data runs past the end of the file (truncated).")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def encoded(self, index: int) -> np.ndarray:
+        start = self.offset[index]
+        return self.data[start:start + self.size[index]]
+
+    def is_raw(self, index: int) -> bool:
+        return self.mode[index] == MODE_RAW

@@ -1,0 +1,300 @@
+"""`python -m benchmarks autotune --config r50.toml`: loader workers and batch size for a config.
+
+For each resolution the config's schedule uses: the loader setting with the best loader img/s, and
+the batch size with the best training img/s that fits (GPU memory, or --memory-limit-gb on CPU).
+Successive halving inside a wall-clock budget; writes a TOML the trainer takes with --tune.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+
+from benchmarks.machine import describe, machine_info
+from benchmarks.report import print_table
+from benchmarks.search import Budget, SearchResult, Trial, successive_halving
+
+# DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
+DALI_GPU_OPTIONS = {"prefetch": (2, 3), "hw_decoder_load": (0.0, 0.5, 0.75)}
+TRIAL_COLUMNS = {"phase": "phase", "res": "res", "setting": "setting", "rung": "rung", "units": "units",
+                 "img_per_s": "img/s", "seconds": "s", "note": "note"}
+
+
+class MemoryLimitExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class PhaseResult:
+    phase: str                 # "warm-up", "loader" or "batch"
+    res: int
+    search: SearchResult
+    probes: list[Trial] = field(default_factory=list)   # unscored trials before the search
+    offset_s: float = 0.0      # when the phase's budget started, relative to the whole run
+
+
+def worker_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... up to the core count, and the core count itself."""
+    counts, count = [], 1
+    while count < cores:
+        counts.append(count)
+        count *= 2
+    return [*counts, cores]
+
+
+def loader_candidates(backend: str, device: str, cores: int) -> list[tuple]:
+    """Hashable settings: tuples of (name, value) pairs passed on to build_loader."""
+    workers = [(("workers", count),) for count in worker_counts(cores)]
+    if backend != "dali" or device != "cuda":
+        return workers
+    return [(*base, ("prefetch", prefetch), ("hw_decoder_load", load))
+            for base in workers for prefetch in DALI_GPU_OPTIONS["prefetch"]
+            for load in DALI_GPU_OPTIONS["hw_decoder_load"]]
+
+
+def batch_sizes(smallest: int, largest: int) -> list[int]:
+    sizes, size = [], smallest
+    while size <= largest:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def loader_rate(config, res: int, setting: tuple, batches: int, device: str) -> float:
+    from benchmarks.loaders import measure_batches
+    from fastpipe.data import build_loader
+
+    values = dict(setting)
+    options = {**config.data.options, **{k: v for k, v in values.items() if k != "workers"}}
+    loader = build_loader(backend=config.data.backend, data=config.data.path, split="train",
+                          batch_size=config.data.batch_size, resolution=res, workers=values["workers"],
+                          device=device, min_scale=config.augment.min_scale, flip=config.augment.flip,
+                          **options)
+    try:
+        return measure_batches(loader, device, batches, warmup_batches=2)
+    finally:
+        del loader
+        gc.collect()
+
+
+def train_rate(step, res: int, batch_size: int, steps: int, num_classes: int, memory_limit: float) -> float:
+    """Training img/s on synthetic batches; raises when the batch does not fit."""
+    import torch
+
+    from benchmarks.resources import ResourceSampler
+    from benchmarks.train_step import synthetic_rate
+
+    try:
+        with ResourceSampler() as usage:
+            rate = synthetic_rate(step, batch_size, res, num_classes, steps, warmup=1)
+    except torch.OutOfMemoryError:
+        step.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        raise
+    if step.device == "cpu" and usage.peak_rss_bytes > memory_limit:
+        raise MemoryLimitExceeded(f"peak RSS {usage.peak_rss_mb / 1024:.1f} GiB over the "
+                                  f"{memory_limit / 2**30:.1f} GiB limit")
+    return rate
+
+
+def warm_up_loader(config, res: int, setting: tuple, device: str, budget: Budget) -> Trial:
+    """One untimed batch first: imports and JIT compiles (FFCV's numba pipeline) are paid once here."""
+    start = budget.clock()
+    note = "untimed: imports + JIT"
+    try:
+        loader_rate(config, res, setting, 1, device)
+    except Exception as exc:  # noqa: BLE001 - the search itself reports a broken setting
+        note = f"warm-up failed: {type(exc).__name__}: {str(exc)[:120]}"
+    return Trial(setting, -1, 1, None, budget.clock() - start, note, start - budget.start)
+
+
+def tune_batch(step, res: int, sizes: list[int], budget: Budget, num_classes: int, memory_limit: float,
+               keep: int = 3) -> PhaseResult:
+    """Probe growing batch sizes (1 step each) until one does not fit, then search the largest few."""
+    probes: list[Trial] = []
+    fitting: list[int] = []
+    estimate = 0.0
+    stopped = ""
+    for size in sizes:
+        if not budget.allows(estimate):
+            stopped = f"time budget stopped the fit probes before batch size {size}"
+            break
+        start = budget.clock()
+        try:
+            score, note = train_rate(step, res, size, 1, num_classes, memory_limit), ""
+        except (RuntimeError, MemoryError) as exc:   # torch.OutOfMemoryError is a RuntimeError
+            score, note = None, f"does not fit: {type(exc).__name__}: {str(exc)[:120]}"
+        seconds = budget.clock() - start
+        probes.append(Trial(size, -1, 1, score, seconds, note, start - budget.start))
+        if score is None:
+            break
+        fitting.append(size)
+        estimate = 2.5 * seconds   # the next size is twice as large
+    if not fitting:
+        empty = SearchResult(None, None, complete=False, reason="no batch size fitted within the budget")
+        return PhaseResult("batch", res, empty, probes)
+    search = successive_halving(fitting[-keep:], lambda size, units: train_rate(
+        step, res, size, units, num_classes, memory_limit), budget, min_units=2, prefer=lambda size: size)
+    if stopped:
+        search.complete = False
+        search.reason = "; ".join(filter(None, [stopped, search.reason]))
+    return PhaseResult("batch", res, search, probes)
+
+
+def resolution_epochs(config) -> dict[int, int]:
+    """Epochs spent at each resolution the schedule uses, in order of first use."""
+    schedule = config.schedule_for_resolution()
+    counts: dict[int, int] = {}
+    for epoch in range(config.schedule.epochs):
+        res = schedule.resolution_at(epoch)
+        counts[res] = counts.get(res, 0) + 1
+    return counts
+
+
+def tuned_values(config, phases: list[PhaseResult]) -> dict:
+    """The [data] (and [resolution] stages) values to write, falling back to the config's own."""
+    epochs = resolution_epochs(config)
+    main_res = max(epochs, key=lambda res: (epochs[res], res))   # the resolution most epochs train at
+    loader = {p.res: p.search.best for p in phases if p.phase == "loader" and p.search.best is not None}
+    batch = {p.res: p.search.best for p in phases if p.phase == "batch" and p.search.best is not None}
+    setting = dict(loader.get(main_res) or next(iter(loader.values()), None) or ())
+    data = {"workers": setting.pop("workers", config.data.workers)}
+    if setting:
+        data["options"] = {**config.data.options, **setting}
+    # One batch size must fit at every resolution, so the smallest tuned one is the safe choice.
+    data["batch_size"] = min(batch.values()) if batch else config.data.batch_size
+    values = {"data": data}
+    if config.resolution.stages:
+        values["resolution"] = {"stages": [
+            {**stage, "batch_size": batch.get(int(stage["resolution"]),
+                                              stage.get("batch_size", data["batch_size"]))}
+            for stage in config.resolution.stages]}
+    return values
+
+
+def toml_value(value) -> str:
+    # Hand-written: tomllib only reads TOML, and these files hold just numbers, strings and tables.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def write_tune_file(path: Path, values: dict, header: list[str]) -> None:
+    lines = [f"# {line}" for line in header] + [""]
+    for section, items in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in items.items()]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def trial_rows(phases: list[PhaseResult]) -> list[dict]:
+    rows = []
+    for phase in phases:
+        for trial in [*phase.probes, *phase.search.trials]:
+            setting = (", ".join(f"{k}={v}" for k, v in trial.candidate) if isinstance(trial.candidate, tuple)
+                       else f"batch_size={trial.candidate}")
+            unscored = "fit probe" if phase.phase == "batch" else phase.phase
+            rows.append({"phase": phase.phase if trial.rung >= 0 else unscored, "res": phase.res,
+                         "setting": setting, "rung": trial.rung if trial.rung >= 0 else None,
+                         "units": trial.units, "img_per_s": trial.score, "seconds": round(trial.seconds, 2),
+                         "started_s": round(trial.started_s + phase.offset_s, 2),
+                         "note": trial.note})
+    return rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="trainer config (TOML)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget in seconds")
+    parser.add_argument("--out", default="autotune.toml", help="TOML to write (trainer: --tune FILE)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--memory-limit-gb", type=float,
+                        help="CPU: peak RSS allowed while training (default: half the machine's memory)")
+    parser.add_argument("--min-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=1024)
+    parser.add_argument("--max-workers", type=int, help="largest worker count tried (default: usable cores)")
+    parser.add_argument("--skip-batch", action="store_true", help="tune the loader only")
+
+
+def run(args) -> int:
+    from benchmarks.loaders import resolve_device, unavailable_backends
+    from benchmarks.train_step import build_train_step
+    from fastpipe.config import ConfigError, load_config
+    from fastpipe.data.beton import BetonError, read_manifest
+
+    budget = Budget(args.budget_s)
+    if args.budget_s <= 0 or not 1 <= args.min_batch_size <= args.max_batch_size:
+        raise SystemExit("error: --budget-s must be > 0 and 1 <= --min-batch-size <= --max-batch-size")
+    try:
+        config = load_config(args.config)
+        num_classes = len(read_manifest(config.data.path)["classes"])
+    except (ConfigError, BetonError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if reason := unavailable_backends([config.data.backend]).get(config.data.backend):
+        raise SystemExit(f"error: data.backend of {args.config}: {reason}")
+    console = Console()
+    device = resolve_device(args.device)
+    cores = args.max_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                 else os.cpu_count() or 1)
+    memory_limit = (args.memory_limit_gb or psutil.virtual_memory().total / 2**30 / 2) * 2**30
+    resolutions = list(resolution_epochs(config))
+    pending = len(resolutions) * (1 if args.skip_batch else 2)
+    phases: list[PhaseResult] = []
+    step = None
+    candidates = loader_candidates(config.data.backend, device, cores)
+    # Paid once before the budget is shared out, so the first phase is not starved by it.
+    warmup = warm_up_loader(config, resolutions[0], candidates[0], device, budget)
+    phases.append(PhaseResult("warm-up", resolutions[0], SearchResult(None, None), [warmup]))
+    for res in resolutions:
+        console.print(f"[bold]{res}px[/bold]: loader settings ({config.data.backend}) ...")
+        share = budget.share(pending)
+        search = successive_halving(
+            candidates,
+            lambda setting, units, res=res: loader_rate(config, res, setting, units, device), share,
+            min_units=4)
+        phases.append(PhaseResult("loader", res, search, offset_s=share.start - budget.start))
+        pending -= 1
+        if args.skip_batch:
+            continue
+        console.print(f"[bold]{res}px[/bold]: batch size ({config.model.arch}) ...")
+        step = step or build_train_step(config, num_classes, device)
+        share = budget.share(pending)
+        phase = tune_batch(step, res, batch_sizes(args.min_batch_size, args.max_batch_size), share,
+                           num_classes, memory_limit)
+        phase.offset_s = share.start - budget.start
+        phases.append(phase)
+        pending -= 1
+    values = tuned_values(config, phases)
+    incomplete = [f"{p.phase}@{p.res}px: {p.search.reason}" for p in phases if not p.search.complete]
+    header = [f"python -m benchmarks autotune --config {args.config} --budget-s {args.budget_s:g}",
+              f"on {describe(machine_info())}, device {device}, {budget.elapsed:.0f} s used",
+              *(f"partial: {line}" for line in incomplete)]
+    out = Path(args.out)
+    write_tune_file(out, values, header)
+    rows = trial_rows(phases)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"benchmark": "autotune", "machine": machine_info(), "settings": vars(args) | {"device": device},
+         "elapsed_s": round(budget.elapsed, 2), "tuned": values, "trials": rows,
+         "results": [], "notes": incomplete}, indent=2, default=str) + "\n")
+    print_table(rows, TRIAL_COLUMNS, title=f"autotune trials ({budget.elapsed:.1f} s of {args.budget_s:g} s)",
+                console=console)
+    for line in incomplete:
+        console.print(f"[yellow]partial: {line}[/yellow]")
+    console.print(f"tuned: {json.dumps(values)}")
+    console.print(f"wrote {out} (train with --tune {out}) and {out.with_suffix('.json')}")
+    return 0
+

@@ -1,0 +1,281 @@
+"""`python -m benchmarks loaders`: img/s of every backend x resolution x workers on one converted data set.
+
+A warm-up epoch (FFCV compiles with numba, DALI builds its pipeline, torch spawns workers) is timed
+separately and excluded; the row reports the median of the timed epochs with min and max.
+"""
+from __future__ import annotations
+
+import ast
+import gc
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchmarks.machine import machine_info
+from benchmarks.report import TABLE_COLUMNS, print_table, write_report
+from benchmarks.resources import ResourceSampler
+
+BASELINE = "torch"
+
+
+@dataclass(frozen=True)
+class LoaderCase:
+    backend: str
+    res: int
+    workers: int
+    batch_size: int
+    split: str = "train"
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --{name} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: --{name} needs at least one integer >= 1, got {text!r}")
+    return values
+
+
+def parse_backend_options(pairs: list[str] | None) -> dict[str, dict]:
+    """['dali.hw_decoder_load=0.7', 'ffcv.os_cache=True'] -> {'dali': {'hw_decoder_load': 0.7}, ...}."""
+    options: dict[str, dict] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        backend, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise SystemExit(f"error: --option {pair!r} must look like BACKEND.NAME=VALUE, "
+                             f"e.g. dali.hw_decoder_load=0.7")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw   # plain strings need no quotes
+        options.setdefault(backend, {})[name] = value
+    return options
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but torch sees no GPU; use --device cpu.")
+    return device
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None) -> tuple[int, float]:
+    """Iterate one epoch (or `max_batches`); returns (images, seconds)."""
+    import torch
+
+    images = 0
+    start = time.perf_counter()
+    iterator = iter(loader)
+    for index, (_, labels) in enumerate(iterator):
+        images += int(labels.shape[0])
+        if on_batch is not None:
+            on_batch()
+        if max_batches is not None and index + 1 >= max_batches:
+            break
+    if device == "cuda":
+        torch.cuda.synchronize()   # batches are handed over asynchronously; count only finished work
+    seconds = time.perf_counter() - start
+    del iterator
+    return images, seconds
+
+
+def cycle_epochs(loader, first_epoch: int = 0):
+    """Endless batches from a loader, one `set_epoch` per pass (for measurements longer than an epoch)."""
+    epoch = first_epoch
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_batches(loader, device: str, batches: int, warmup_batches: int = 2) -> float:
+    """img/s over `batches` batches after `warmup_batches` untimed ones, crossing epochs if needed."""
+    import torch
+
+    stream = cycle_epochs(loader)
+    try:
+        for _ in range(warmup_batches):
+            next(stream)
+        images = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            images += int(next(stream)[1].shape[0])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return images / (time.perf_counter() - start)
+    finally:
+        stream.close()
+
+
+def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: int,
+                 options: dict | None = None, progress: Progress | None = None,
+                 max_batches: int | None = None) -> dict:
+    """Build the loader, run warm-up + timed epochs under a resource sampler; returns one result row."""
+    from fastpipe.data import build_loader
+
+    with ResourceSampler() as usage:
+        loader = build_loader(backend=case.backend, data=data, split=case.split, batch_size=case.batch_size,
+                              resolution=case.res, workers=case.workers, device=device, shuffle=True,
+                              drop_last=True, seed=0, **(options or {}))
+        batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+        if batches < 1:
+            raise ValueError(f"{case.split} split has fewer than batch_size={case.batch_size} samples; "
+                             f"lower --batch-size")
+        task = None
+        if progress is not None:
+            task = progress.add_task(f"{case.backend} {case.res}px w{case.workers}",
+                                     total=batches * (epochs + warmup))
+        advance = (lambda: progress.advance(task)) if task is not None else None
+        warmup_s = 0.0
+        for epoch in range(warmup):
+            loader.set_epoch(epoch)
+            warmup_s += time_epoch(loader, device, max_batches, advance)[1]
+        rates, rss_after_epoch = [], []
+        images = 0
+        for epoch in range(warmup, warmup + epochs):
+            loader.set_epoch(epoch)
+            images, seconds = time_epoch(loader, device, max_batches, advance)
+            rates.append(images / seconds)
+            usage.sample()
+            rss_after_epoch.append(usage.current_rss_bytes)
+        del loader
+        gc.collect()
+    if task is not None:
+        progress.remove_task(task)
+    growth = (100.0 * (rss_after_epoch[-1] / rss_after_epoch[0] - 1.0)
+              if len(rss_after_epoch) > 1 and rss_after_epoch[0] else None)
+    return {
+        "backend": case.backend, "split": case.split, "res": case.res, "workers": case.workers,
+        "batch_size": case.batch_size, "device": device_name(device),
+        "img_per_s": round(statistics.median(rates), 1), "img_per_s_min": round(min(rates), 1),
+        "img_per_s_max": round(max(rates), 1),
+        "ratio_to_torch": None, "peak_rss_mb": round(usage.peak_rss_mb, 1),
+        "cpu_util_pct": round(usage.cpu_util_pct, 1),
+        "rss_growth_pct": None if growth is None else round(growth, 2),
+        "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
+        "options": options or {},
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's img/s over the torch row with the same split, resolution, workers and batch size."""
+    def key(row):
+        return row["split"], row["res"], row["workers"], row["batch_size"]
+
+    baseline = {key(row): row["img_per_s"] for row in rows if row["backend"] == BASELINE}
+    for row in rows:
+        base = baseline.get(key(row))
+        row["ratio_to_torch"] = round(row["img_per_s"] / base, 3) if base else None
+
+
+def unavailable_backends(backends: list[str]) -> dict[str, str]:
+    """Backends that cannot run here, with the reason, so they are skipped with a note."""
+    try:
+        from fastpipe.data import available_backends
+    except ImportError as exc:
+        return {name: f"fastpipe.data cannot be imported ({exc})" for name in backends}
+    available = set(available_backends())
+    return {name: f"backend {name!r} is not available here (available: {', '.join(sorted(available))})"
+            for name in backends if name not in available}
+
+
+def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warmup: int,
+              options: dict[str, dict], console: Console) -> tuple[list[dict], list[str], int]:
+    """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
+    rows, notes, failures = [], [], 0
+    skipped = unavailable_backends(sorted({case.backend for case in cases}))
+    for backend, reason in skipped.items():
+        notes.append(f"{backend}: skipped, {reason}")
+        console.print(f"[yellow]{backend}: skipped, {reason}[/yellow]")
+    runnable = [case for case in cases if case.backend not in skipped]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task("loader benchmark", total=len(runnable))
+        for case in runnable:
+            try:
+                rows.append(measure_case(case, data, device, epochs, warmup, options.get(case.backend),
+                                         progress))
+            except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the rest
+                failures += 1
+                message = (f"{case.backend} res={case.res} workers={case.workers}: failed: "
+                           f"{type(exc).__name__}: {exc}")
+                notes.append(message)
+                console.print(f"[red]{message}[/red]")
+            progress.advance(overall)
+    add_ratios(rows)
+    return rows, notes, failures
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="converter output folder (betons + manifest.json)")
+    parser.add_argument("--backends", default="ffcv,dali,torch",
+                        help="comma-separated; torch (the baseline) is always added")
+    parser.add_argument("--res", default="160", help="comma-separated resolutions in px")
+    parser.add_argument("--workers", default="2", help="comma-separated worker counts")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per combination (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs per combination")
+    parser.add_argument("--split", default="train", choices=["train", "val"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--option", action="append", metavar="BACKEND.NAME=VALUE",
+                        help="backend option passed to build_loader, e.g. dali.hw_decoder_load=0.7")
+    parser.add_argument("--out", default="runs/bench-loaders", help="report folder")
+    parser.add_argument("--json", help="also write the results JSON here")
+
+
+def run(args) -> int:
+    console = Console()
+    backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+    if BASELINE not in backends:
+        backends.append(BASELINE)
+    resolutions = parse_int_list(args.res, "res")
+    workers = parse_int_list(args.workers, "workers")
+    if args.batch_size < 1 or args.epochs < 1 or args.warmup < 0:
+        raise SystemExit("error: --batch-size and --epochs must be >= 1 and --warmup >= 0")
+    from fastpipe.data.beton import BetonError, check_beton
+
+    try:
+        check_beton(args.data, args.split)
+    except BetonError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    device = resolve_device(args.device)
+    options = parse_backend_options(args.option)
+    cases = [LoaderCase(backend, res, count, args.batch_size, args.split)
+             for backend, res, count in itertools.product(backends, resolutions, workers)]
+    rows, notes, failures = run_cases(cases, args.data, device, args.epochs, args.warmup, options, console)
+    payload = {
+        "benchmark": "loaders",
+        "machine": machine_info(),
+        "settings": {"data": str(Path(args.data).resolve()), "split": args.split, "epochs": args.epochs,
+                     "warmup": args.warmup, "device": device, "backends": backends},
+        "results": rows,
+        "notes": notes,
+    }
+    written = write_report(args.out, payload, "Loader throughput")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(written[0].read_text())
+    # split, batch size and device are the same on every row: in the title, not in columns.
+    shown = {key: header for key, header in TABLE_COLUMNS.items() if key not in ("split", "batch_size", "device")}
+    print_table(rows, shown, console=console,
+                title=f"Loader img/s ({args.split}, batch {args.batch_size}, {device_name(device)})")
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {', '.join(str(path) for path in written)}")
+    return 1 if failures else 0

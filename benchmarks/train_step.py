@@ -1,0 +1,210 @@
+"""`python -m benchmarks train-step`: training img/s on synthetic batches already on the device (the
+ceiling) and with each real loader feeding the model. Loader rate / ceiling is the data-stall figure:
+1.0 means the data path keeps up, 0.5 means the model waits for data half the time.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from benchmarks.machine import machine_info
+from benchmarks.report import print_table, write_report
+from benchmarks.resources import ResourceSampler
+
+COLUMNS = {"backend": "feed", "res": "res", "workers": "workers", "batch_size": "batch",
+           "img_per_s": "img/s", "ratio_to_synthetic": "x synthetic", "peak_rss_mb": "peak RSS MB",
+           "device": "device"}
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step of the config's model, with its precision and memory format."""
+    model: object
+    optimizer: object
+    autocast: object
+    scaler: object
+    channels_last: bool
+    device: str
+
+    def __call__(self, images, labels) -> None:
+        import torch
+
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            loss = torch.nn.functional.cross_entropy(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def amp_dtype(amp: str, device: str):
+    import torch
+
+    if device != "cuda" or amp == "off":
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_train_step(config, num_classes: int, device: str) -> TrainStep:
+    """The config's model, SGD/AdamW and AMP setting on `device` (compiled only on CUDA, as the trainer)."""
+    import torch
+
+    from fastpipe.model import build_model, parameter_groups
+
+    model = build_model(config.model.arch, num_classes, blurpool=config.model.blurpool,
+                        zero_init_residual=config.model.zero_init_residual).to(device)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    groups = parameter_groups(model, config.optim.weight_decay)
+    lr = 0.1 if config.optim.lr == "auto" else config.optim.lr   # the rate does not change the step's cost
+    if config.optim.name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.optim.momentum,
+                                    nesterov=config.optim.nesterov)
+    if device == "cuda" and config.model.compile in (True, "auto"):
+        model = torch.compile(model)
+    dtype = amp_dtype(config.train.amp, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    return TrainStep(model, optimizer, autocast, scaler, config.model.channels_last, device)
+
+
+def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    return images.contiguous(memory_format=torch.channels_last), labels
+
+
+def time_steps(step: TrainStep, batches, steps: int, warmup: int = 1) -> float:
+    """img/s over `steps` steps after `warmup` untimed ones; `batches` is an endless iterator."""
+    for _ in range(warmup):
+        step(*next(batches))
+    step.sync()
+    images = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch_images, labels = next(batches)
+        step(batch_images, labels)
+        images += int(labels.shape[0])
+    step.sync()
+    return images / (time.perf_counter() - start)
+
+
+def repeat(batch):
+    while True:
+        yield batch
+
+
+def synthetic_rate(step: TrainStep, batch_size: int, resolution: int, num_classes: int, steps: int,
+                   warmup: int = 1) -> float:
+    return time_steps(step, repeat(synthetic_batch(batch_size, resolution, num_classes, step.device)),
+                      steps, warmup)
+
+
+def loader_rate(step: TrainStep, loader, steps: int, warmup: int = 1) -> float:
+    from benchmarks.loaders import cycle_epochs
+
+    batches = cycle_epochs(loader)
+    try:
+        return time_steps(step, batches, steps, warmup)
+    finally:
+        batches.close()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="trainer config (TOML), e.g. configs/cpu-smoke.toml")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per feed (after 2 warm-up steps)")
+    parser.add_argument("--backends", default="ffcv,dali,torch", help="loaders to feed the model with")
+    parser.add_argument("--res", type=int, help="resolution (default: the schedule's first)")
+    parser.add_argument("--batch-size", type=int, help="default: data.batch_size of the config")
+    parser.add_argument("--workers", type=int, help="default: data.workers of the config")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--tune", help="autotune TOML merged over the config")
+    parser.add_argument("--out", default="runs/bench-train-step", help="report folder")
+
+
+def run(args) -> int:
+    from benchmarks.loaders import device_name, resolve_device, unavailable_backends
+    from fastpipe.config import ConfigError, load_config
+    from fastpipe.data.beton import BetonError, read_manifest
+
+    try:
+        config = load_config(args.config, tune=args.tune)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.steps < 1:
+        raise SystemExit("error: --steps must be at least 1")
+    console = Console()
+    device = resolve_device(args.device)
+    resolution = args.res or config.schedule_for_resolution().resolution_at(0)
+    batch_size = args.batch_size or config.data.batch_size
+    workers = args.workers or config.data.workers
+    notes: list[str] = []
+    try:
+        num_classes = len(read_manifest(config.data.path)["classes"])
+    except BetonError as exc:
+        num_classes, backends = 1000, []
+        notes.append(f"loaders skipped: {exc}")
+    else:
+        backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+    common = {"split": "train", "res": resolution, "workers": workers, "batch_size": batch_size,
+              "device": device_name(device)}
+    step = build_train_step(config, num_classes, device)
+    with ResourceSampler() as usage:
+        ceiling = synthetic_rate(step, batch_size, resolution, num_classes, args.steps, warmup=2)
+    rows = [dict(common, backend="synthetic", workers=0, img_per_s=ceiling, ratio_to_synthetic=1.0,
+                 peak_rss_mb=round(usage.peak_rss_mb, 1))]
+    skipped = unavailable_backends(backends)
+    for backend, reason in skipped.items():
+        notes.append(f"{backend}: skipped, {reason}")
+    from fastpipe.data import build_loader
+
+    for backend in (name for name in backends if name not in skipped):
+        console.print(f"training step fed by {backend} ...")
+        try:
+            with ResourceSampler() as usage:
+                loader = build_loader(backend=backend, data=config.data.path, split="train",
+                                      batch_size=batch_size, resolution=resolution, workers=workers,
+                                      device=device, min_scale=config.augment.min_scale,
+                                      flip=config.augment.flip,
+                                      **(config.data.options if backend == config.data.backend else {}))
+                rate = loader_rate(step, loader, args.steps, warmup=2)
+                del loader
+                gc.collect()
+        except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the other figures
+            notes.append(f"{backend}: failed: {type(exc).__name__}: {exc}")
+            continue
+        rows.append(dict(common, backend=backend, img_per_s=rate, ratio_to_synthetic=round(rate / ceiling, 3),
+                         peak_rss_mb=round(usage.peak_rss_mb, 1)))
+    payload = {"benchmark": "train-step", "machine": machine_info(),
+               "settings": {"config": str(args.config), "arch": config.model.arch, "steps": args.steps,
+                            "amp": config.train.amp, "device": device},
+               "results": rows, "notes": notes}
+    written = write_report(args.out, payload, f"Training step: {config.model.arch}", plots=False,
+                           columns=COLUMNS)
+    print_table(rows, COLUMNS, title=f"{config.model.arch} train img/s at {resolution}px, batch {batch_size}",
+                console=console)
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {', '.join(str(Path(path)) for path in written)}")
+    return 0

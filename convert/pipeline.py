@@ -1,0 +1,207 @@
+"""Folder in, betons out: validate every file in a process pool, write the betons, record the manifest.
+
+Betons are written under temporary names and moved into place only when complete; the manifest,
+written last, also stores an input fingerprint so that an identical re-run is a no-op.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+    TimeRemainingColumn
+from rich.text import Text
+
+from convert.sources import ConvertError, Source
+from convert.validate import BadImage, check_image
+from convert.write import BetonJob, WriteSettings, WriterProcess, die_with_parent
+from fastpipe.data.beton import MANIFEST_FORMAT, MANIFEST_NAME, BetonError, check_beton, fsync_dir, \
+    read_manifest, sha256_file, write_json_atomic
+
+SPLITS = ("train", "val")
+SHOWN_REASONS = 5
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="cyan")
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def tool_versions() -> dict:
+    versions = {}
+    for name, dist in (("ffcv", "ffcv"), ("numpy", "numpy"), ("pillow", "pillow"), ("torch", "torch"),
+                       ("fastpipe", "fastpipe")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def settings_record(settings: WriteSettings) -> dict:
+    return {"write_mode": settings.write_mode, "max_resolution": settings.max_resolution,
+            "jpeg_quality": settings.jpeg_quality, "compress_probability": settings.compress_probability,
+            "seed": settings.seed, "smart_threshold": settings.smart_threshold, "min_side": settings.min_side}
+
+
+def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:
+    """Hash of what decides the output: every file's path, label, size and mtime, and the options."""
+    digest = hashlib.sha256()
+    header = {"format": MANIFEST_FORMAT, "root": str(source.root), "layout": source.layout,
+              "classes": source.classes, "settings": {k: settings_record(v) for k, v in settings.items()},
+              "ffcv": tool_versions()["ffcv"]}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for split, items in source.splits.items():
+        for path, label in items:
+            stat = path.stat()
+            digest.update(f"{split}\0{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def up_to_date(out: Path, digest: str) -> dict | None:
+    """The existing manifest when it was written from the same inputs and options and its betons check out."""
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("fingerprint") != digest:
+            return None
+        for split in SPLITS:
+            check_beton(out, split, manifest)
+    except BetonError:
+        return None
+    return manifest
+
+
+def _check_one(job: tuple[str, int | None, int]) -> tuple:
+    path, max_resolution, min_side = job
+    try:
+        result = check_image(path, max_resolution, min_side)
+    except BadImage as err:
+        return False, str(err)
+    return True, (result.width, result.height)
+
+
+def _init_pool_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    die_with_parent()
+
+
+def validate_split(pool, items: list[tuple[Path, int]], settings: WriteSettings, strict: bool, root: Path,
+                   advance) -> tuple[list[tuple[str, int, int, int]], list[dict]]:
+    """Check every file in the pool, in order. Returns the good samples (path, label, width, height)
+    and the skipped files as {path, reason}; with `strict`, the first bad file is an error."""
+    jobs = [(str(path), settings.max_resolution, settings.min_side) for path, _ in items]
+    results = pool.imap(_check_one, jobs, chunksize=8) if pool else map(_check_one, jobs)
+    good, skipped = [], []
+    for (path, label), (ok, detail) in zip(items, results):
+        if ok:
+            good.append((str(path), label, *detail))
+        else:
+            if strict:
+                raise ConvertError(f"Bad image {path}: {detail}. (--strict stops at the first bad file; "
+                                   f"without it, bad files are skipped and listed in the manifest.)")
+            skipped.append({"path": path.relative_to(root).as_posix(), "reason": detail})
+        advance()
+    return good, skipped
+
+
+def image_stats(items: list[tuple[str, int, int, int]]) -> dict:
+    widths = [width for _, _, width, _ in items]
+    heights = [height for _, _, _, height in items]
+    return {"min_side": min(map(min, zip(widths, heights))), "max_side": max(map(max, zip(widths, heights))),
+            "mean_width": round(sum(widths) / len(widths), 1), "mean_height": round(sum(heights) / len(heights), 1)}
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for path in out.glob(".*.beton.*.tmp"):
+        pid = path.name.rsplit(".", 2)[-2]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            path.unlink(missing_ok=True)
+
+
+def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings, val: WriteSettings,
+                   workers: int | None = None, strict: bool = False, force: bool = False,
+                   stall_timeout: float = 300.0, console: Console | None = None) -> dict:
+    """Write OUT/train.beton, OUT/val.beton and OUT/manifest.json for `source`; returns the manifest."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    settings = {"train": train, "val": val}
+    digest = fingerprint(source, settings)
+    if not force and (existing := up_to_date(out, digest)):
+        console.print(f"Up to date: {out} already holds betons for these inputs and options; nothing to do "
+                      f"(use --force to rewrite).")
+        return existing
+    # A partial state must never pair new betons with an old manifest: drop the manifest first.
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    _remove_stale_temporaries(out)
+    temporaries = {split: out / f".{split}.beton.{os.getpid()}.tmp" for split in SPLITS}
+    splits = {}
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker) if workers > 1 else None
+    try:
+        with WriterProcess(workers) as writer, make_progress(console) as progress:
+            jobs = []
+            for split in SPLITS:
+                items = source.splits[split]
+                task = progress.add_task(f"check {split}", total=len(items))
+                good, skipped = validate_split(pool, items, settings[split], strict, source.root,
+                                               lambda: progress.advance(task))
+                if not good:
+                    reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped[:3])
+                    raise ConvertError(f"No usable images in the {split} split of {source.root} "
+                                       f"({len(skipped)} skipped, e.g. {reasons}).")
+                splits[split] = {"good": good, "skipped": skipped}
+                jobs.append(BetonJob(split, temporaries[split], good, settings[split]))
+            if pool:
+                pool.close()
+            tasks = [progress.add_task(f"write {job.split}", total=len(job.items)) for job in jobs]
+            writer.write(jobs, stall_timeout,
+                         on_progress=lambda index, done: progress.update(tasks[index], completed=done))
+        manifest = {"format": MANIFEST_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "source_root": str(source.root), "layout": source.layout, "classes": source.classes,
+                    "splits": {}, "versions": tool_versions(), "fingerprint": digest}
+        for split in SPLITS:
+            good, path = splits[split]["good"], temporaries[split]
+            manifest["splits"][split] = {
+                "beton": f"{split}.beton", "written": len(good), "skipped": splits[split]["skipped"],
+                "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
+                "samples": [[Path(file).relative_to(source.root).as_posix(), label] for file, label, _, _ in good],
+                "settings": settings_record(settings[split]), "image_stats": image_stats(good)}
+        for split in SPLITS:
+            os.replace(temporaries[split], out / f"{split}.beton")
+        fsync_dir(out)
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    finally:
+        if pool:
+            pool.terminate()
+        for path in temporaries.values():
+            path.unlink(missing_ok=True)
+    print_summary(manifest, console)
+    return manifest
+
+
+def print_summary(manifest: dict, console: Console) -> None:
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        console.print(f"{split}: written {info['written']}, skipped {len(info['skipped'])}")
+        for item in info["skipped"][:SHOWN_REASONS]:
+            console.print(f"  skipped {item['path']}: {item['reason']}", markup=False, highlight=False)
+        if len(info["skipped"]) > SHOWN_REASONS:
+            console.print(f"  ... and {len(info['skipped']) - SHOWN_REASONS} more (see manifest.json)")

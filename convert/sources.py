@@ -1,0 +1,140 @@
+"""Find the samples of an ImageFolder: class names, labels and the train/val split.
+
+Two layouts: SRC/train and SRC/val (each with one folder per class), or class folders directly under
+SRC, split into train and val per class with a seeded shuffle (stratified).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+
+
+class ConvertError(RuntimeError):
+    """A problem with the input or options; the message says what is wrong and what to do."""
+
+
+@dataclass
+class Source:
+    """Everything the writer needs: absolute paths and labels per split, in beton order."""
+    root: Path
+    layout: str                       # "train_val" or "split"
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def is_image_file(name: str) -> bool:
+    return not is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_dir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except PermissionError as err:
+        raise ConvertError(f"Cannot read folder {folder}: permission denied. Fix its permissions "
+                           f"(e.g. `chmod -R u+rX {folder}`).") from err
+    except NotADirectoryError as err:
+        raise ConvertError(f"{folder} is a file, not a folder of images.") from err
+    except FileNotFoundError as err:
+        raise ConvertError(f"Folder {folder} does not exist.") from err
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Visible sub-folder names, sorted: these are the class names (their order gives the labels)."""
+    return [entry.name for entry in _list_dir(folder) if entry.is_dir() and not is_hidden(entry.name)]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under a class folder (recursively, like torchvision's ImageFolder), sorted.
+    Hidden files and folders and files without an image extension are ignored."""
+    found = []
+    def on_error(err: OSError) -> None:
+        raise ConvertError(f"Cannot read {err.filename}: {err.strerror}. Fix its permissions.")
+    for directory, subdirs, files in os.walk(folder, onerror=on_error, followlinks=True):
+        subdirs[:] = sorted(name for name in subdirs if not is_hidden(name))
+        found += [Path(directory) / name for name in files if is_image_file(name)]
+    return sorted(found)
+
+
+def _collect(folder: Path, classes: list[str], split: str) -> dict[str, list[Path]]:
+    files = {}
+    for name in classes:
+        files[name] = image_files(folder / name)
+        if not files[name]:
+            raise ConvertError(f"Class folder {folder / name} ({split}) holds no image files "
+                               f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                               f"Add images or remove the folder.")
+    return files
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise ConvertError(f"Source folder {root} does not exist.")
+    if not root.is_dir():
+        raise ConvertError(f"Source {root} is not a folder: pass an ImageFolder (one sub-folder per class).")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ConvertError(f"Cannot read source folder {root}: permission denied.")
+
+
+def stratified_split(files: dict[str, list[Path]], val_fraction: float, seed: int
+                     ) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Per class, a seeded shuffle puts round(n * val_fraction) files into val (at least one when the
+    class has two or more files and val_fraction > 0); the rest go to train."""
+    train, val = {}, {}
+    for index, (name, paths) in enumerate(sorted(files.items())):
+        order = list(paths)
+        random.Random(seed * 1_000_003 + index).shuffle(order)
+        count = round(len(order) * val_fraction)
+        if val_fraction > 0 and len(order) >= 2:
+            count = min(max(count, 1), len(order) - 1)
+        val[name], train[name] = sorted(order[:count]), sorted(order[count:])
+    return train, val
+
+
+def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> Source:
+    """Scan an ImageFolder. Uses SRC/train and SRC/val when both exist, else splits the class folders
+    under SRC (or under SRC/train when there is no val/)."""
+    root = Path(root).expanduser().resolve()
+    _check_root(root)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConvertError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        classes = class_folders(train_dir)
+        if not classes:
+            raise ConvertError(f"{train_dir} has no class folders: expected one sub-folder per class.")
+        val_classes = class_folders(val_dir)
+        unknown = [name for name in val_classes if name not in set(classes)]
+        if unknown:
+            raise ConvertError(f"Class folder(s) {', '.join(unknown)} in {val_dir} do not exist in {train_dir}: "
+                               f"labels come from the train classes, so every val class must be in train.")
+        train = _collect(train_dir, classes, "train")
+        val = _collect(val_dir, val_classes, "val")
+        layout = "train_val"
+    else:
+        base = train_dir if train_dir.is_dir() else root
+        classes = class_folders(base)
+        if not classes:
+            loose = [name for name in os.listdir(base) if is_image_file(name)]
+            hint = " (found image files directly in it; put them into one sub-folder per class)" if loose else ""
+            raise ConvertError(f"{base} has no class folders{hint}. Expected SRC/<class>/<image> or "
+                               f"SRC/train/<class>/<image> and SRC/val/<class>/<image>.")
+        train, val = stratified_split(_collect(base, classes, "train"), val_fraction, seed)
+        layout = "split"
+    labels = {name: index for index, name in enumerate(classes)}
+    splits = {name: [(path, labels[cls]) for cls in sorted(files) for path in files[cls]]
+              for name, files in (("train", train), ("val", val))}
+    for name, items in splits.items():
+        if not items:
+            fix = "use --val-fraction > 0 with at least two images per class" if layout == "split" \
+                else f"add images to {root / name}"
+            raise ConvertError(f"The {name} split of {root} is empty: {fix}.")
+    return Source(root=root, layout=layout, classes=classes, splits=splits)

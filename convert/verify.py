@@ -1,0 +1,140 @@
+"""Read betons back without FFCV's loader: `verify` (decode every sample, check against the manifest)
+and `info` (a summary).
+
+FFCV's reader trusts the file and aborts inside OpenCV on a bad one, so this module parses the layout
+with numpy (mirroring ffcv.types) and decodes with cv2.imdecode, which reports errors instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fastpipe.data.beton import ALLOC_ENTRY, BETON_HEADER, BetonError, check_beton, read_manifest, sha256_file
+
+# Mirrors ffcv.types.FieldDescType and the metadata of RGBImageField + IntField (ffcv 1.0.x).
+FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+SAMPLE_META = np.dtype([("image", IMAGE_META), ("label", "<i8")], align=True)
+EXPECTED_FIELDS = ((2, "image"), (1, "label"))        # FFCV type ids: 2 = RGBImageField, 1 = IntField
+MODE_JPG, MODE_RAW = 0, 1
+
+
+@dataclass
+class BetonContents:
+    path: Path
+    data: np.memmap
+    metadata: np.ndarray
+    sizes: dict[int, int]          # data_ptr -> allocation size
+
+
+def open_beton(path: str | Path) -> BetonContents:
+    """Parse a beton's header, field descriptors, metadata and allocation table, checking bounds."""
+    path = Path(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    header = np.frombuffer(data[:BETON_HEADER.itemsize].tobytes(), dtype=BETON_HEADER)[0]
+    fields_end = BETON_HEADER.itemsize + int(header["num_fields"]) * FIELD_DESC.itemsize
+    count = int(header["num_samples"])
+    metadata_end = fields_end + count * SAMPLE_META.itemsize
+    table = int(header["alloc_table_ptr"])
+    if not metadata_end <= table <= data.size or (data.size - table) % ALLOC_ENTRY.itemsize:
+        raise BetonError(f"{path}: header points outside the file (allocation table at {table}, size {data.size}).")
+    descriptors = np.frombuffer(data[BETON_HEADER.itemsize:fields_end].tobytes(), dtype=FIELD_DESC)
+    found = tuple((int(d["type_id"]), bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace")) for d in descriptors)
+    if found != EXPECTED_FIELDS:
+        raise BetonError(f"{path} has fields {found}, expected {EXPECTED_FIELDS}: not written by `python -m convert`.")
+    metadata = np.frombuffer(data[fields_end:metadata_end].tobytes(), dtype=SAMPLE_META)
+    allocations = np.frombuffer(data[table:].tobytes(), dtype=ALLOC_ENTRY)
+    if np.any(allocations["ptr"] + allocations["size"] > table):
+        raise BetonError(f"{path}: an allocation runs past the data region (corrupt allocation table).")
+    return BetonContents(path, data, metadata, dict(zip(allocations["ptr"].tolist(), allocations["size"].tolist())))
+
+
+def decode_sample(contents: BetonContents, index: int) -> np.ndarray:
+    """Sample `index` as a uint8 HxWx3 RGB array; raises BetonError when it cannot be decoded."""
+    meta = contents.metadata[index]["image"]
+    width, height, pointer = int(meta["width"]), int(meta["height"]), int(meta["data_ptr"])
+    where = f"{contents.path} sample {index}"
+    if pointer not in contents.sizes:
+        raise BetonError(f"{where}: data pointer {pointer} is not in the allocation table.")
+    blob = contents.data[pointer:pointer + contents.sizes[pointer]]
+    if meta["mode"] == MODE_RAW:
+        if blob.size < width * height * 3:
+            raise BetonError(f"{where}: raw image needs {width * height * 3} bytes, has {blob.size}.")
+        return np.array(blob[:width * height * 3]).reshape(height, width, 3)
+    if meta["mode"] != MODE_JPG:
+        raise BetonError(f"{where}: unknown image mode {int(meta['mode'])}.")
+    image = cv2.imdecode(np.asarray(blob), cv2.IMREAD_COLOR)
+    if image is None or image.shape != (height, width, 3):
+        got = "undecodable JPEG" if image is None else f"{image.shape[1]}x{image.shape[0]}"
+        raise BetonError(f"{where}: expected a {width}x{height} JPEG, got {got}.")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def iter_samples(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
+    """(image, label) for every sample of a beton, in order."""
+    contents = open_beton(path)
+    for index in range(len(contents.metadata)):
+        yield decode_sample(contents, index), int(contents.metadata[index]["label"])
+
+
+def verify(data_dir: str | Path, console: Console | None = None) -> dict:
+    """Check every beton in DIR against its manifest: integrity, sha256, counts, labels and that every
+    sample decodes. Raises BetonError on the first mismatch; returns {split: samples checked}."""
+    console = console or Console(soft_wrap=True)
+    manifest = read_manifest(data_dir)
+    checked = {}
+    for split, info in manifest["splits"].items():
+        path = check_beton(data_dir, split, manifest)
+        fix = f"Re-create it with `python -m convert ... --out {data_dir} --force`."
+        if info.get("sha256") and sha256_file(path) != info["sha256"]:
+            raise BetonError(f"{path}: sha256 differs from the manifest; the file changed after conversion. {fix}")
+        contents = open_beton(path)
+        if not len(contents.metadata) == info["written"] == len(info["samples"]):
+            raise BetonError(f"{path}: {len(contents.metadata)} samples, manifest says {info['written']} "
+                             f"written and lists {len(info['samples'])}. {fix}")
+        labels = contents.metadata["label"]
+        expected = np.array([label for _, label in info["samples"]], dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
+            raise BetonError(f"{path}: labels outside 0..{len(manifest['classes']) - 1}. {fix}")
+        if not np.array_equal(labels, expected):
+            first = int(np.flatnonzero(labels != expected)[0])
+            raise BetonError(f"{path}: sample {first} has label {labels[first]}, manifest says {expected[first]} "
+                             f"({info['samples'][first][0]}). {fix}")
+        for index in range(len(contents.metadata)):
+            decode_sample(contents, index)
+        checked[split] = len(contents.metadata)
+        console.print(f"{split}: {checked[split]} samples OK (size, sha256, labels, every image decodes)")
+    return checked
+
+
+def info(data_dir: str | Path, console: Console | None = None) -> None:
+    """Print classes, counts, storage settings, size on disk and resolution stats of DIR."""
+    console = console or Console(soft_wrap=True, width=max(Console().width, 110))
+    manifest = read_manifest(data_dir)
+    classes = manifest["classes"]
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
+    console.print(f"{data_dir}: {len(classes)} classes ({shown})")
+    console.print(f"source: {manifest.get('source_root')} (layout: {manifest.get('layout')}), "
+                  f"created {manifest.get('created')}")
+    table = Table()
+    for column in ("split", "written", "skipped", "MB on disk", "mode", "max res", "quality",
+                   "min side", "max side", "mean WxH"):
+        table.add_column(column, justify="left" if column in ("split", "mode") else "right")
+    for split, split_info in manifest["splits"].items():
+        path = Path(data_dir) / split_info.get("beton", f"{split}.beton")
+        size = f"{path.stat().st_size / 2**20:.1f}" if path.is_file() else "missing"
+        settings, stats = split_info.get("settings", {}), split_info.get("image_stats", {})
+        mode = settings.get("write_mode", "?")
+        if mode == "proportion":
+            mode += f" {settings.get('compress_probability')}"
+        table.add_row(split, str(split_info["written"]), str(len(split_info["skipped"])), size, mode,
+                      str(settings.get("max_resolution")), str(settings.get("jpeg_quality")),
+                      str(stats.get("min_side")), str(stats.get("max_side")),
+                      f"{stats.get('mean_width')}x{stats.get('mean_height')}")
+    console.print(table)

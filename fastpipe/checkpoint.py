@@ -1,0 +1,106 @@
+"""Checkpoints that load with `torch.load(weights_only=True)`: tensors, plain containers and numbers only.
+
+Writes are atomic (temporary file, fsync, rename) so a crash never leaves a half-written best.pt/last.pt.
+RNG states are stored as plain data so a resumed run continues the same random streams.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastpipe.data.beton import fsync_dir
+
+COMPILE_PREFIX = "_orig_mod."
+DDP_PREFIX = "module."
+REQUIRED_KEYS = ("model", "epoch")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not one of ours; the message says which file."""
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Model weights without the prefixes torch.compile and DDP add, so any wrapper can load them."""
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in (COMPILE_PREFIX, DDP_PREFIX):
+            key = key.replace(prefix, "")
+        cleaned[key] = value
+    return cleaned
+
+
+def capture_rng_state(generator: np.random.Generator | None = None) -> dict:
+    """Python, NumPy (legacy global and an optional Generator), torch CPU and CUDA states as plain data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy_global": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                         "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if generator is not None:
+        state["numpy_generator"] = generator.bit_generator.state   # a dict of str and int
+    return state
+
+
+def restore_rng_state(state: dict, generator: np.random.Generator | None = None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    glob = state["numpy_global"]
+    np.random.set_state((glob["kind"], glob["keys"].numpy().astype(np.uint32), glob["pos"],
+                         glob["has_gauss"], glob["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "numpy_generator" in state:
+        generator.bit_generator.state = state["numpy_generator"]
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """torch.save to a temporary file next to `path`, fsync it, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "model" in state:
+        state = {**state, "model": clean_state_dict(state["model"])}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load with weights_only=True; a missing, truncated or foreign file gives a CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path / 'last.pt'}.")
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or incomplete and cannot be loaded ({first_line}). "
+            f"Use the other checkpoint in that run (best.pt or last.pt) or start a new run.") from err
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a fastpipe checkpoint (expected a dict with keys "
+                              f"{', '.join(REQUIRED_KEYS)}).")
+    state["model"] = clean_state_dict(state["model"])
+    return state

@@ -1,0 +1,366 @@
+"""Typed training configuration: frozen dataclasses per TOML section, command-line overrides, tuning files.
+
+`load_config("r50.toml", ["--optim.lr=0.4"], tune="autotune.toml")` reads defaults <- file <- tune file <-
+overrides, checks every key and type, and returns a `Config`; `to_toml(config)` writes it back out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from fastpipe.schedule import ResolutionSchedule, Stage
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/imagenet-mini/betons"
+    backend: Literal["ffcv", "dali", "torch"] = "ffcv"
+    workers: int = 8
+    batch_size: int = 256                # per process; the LR in [optim] is for this batch size
+    val_batch_size: int = 0              # 0: same as batch_size
+    options: dict = field(default_factory=dict)   # passed to the backend as keyword arguments
+
+
+@dataclass(frozen=True)
+class ResolutionConfig:
+    start: int = 160
+    end: int = 192
+    ramp_start: int = 11
+    ramp_end: int = 13
+    val: int = 256
+    multiple: int = 32
+    stages: tuple = ()                   # [{epochs, resolution, batch_size?}, ...]; overrides the ramp
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    flip: bool = True
+    mixup: float = 0.0                   # Beta(alpha, alpha) of v2.MixUp; 0 turns it off
+    cutmix: float = 0.0                  # Beta(alpha, alpha) of v2.CutMix; 0 turns it off
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    compile: Union[bool, Literal["auto"]] = "auto"    # auto: on for CUDA, off for CPU
+    compile_backend: str = "inductor"                 # torch.compile backend ("aot_eager" to debug)
+    channels_last: bool = True
+    blurpool: bool = True
+    freeze: Literal["none", "bn", "backbone"] = "none"
+    zero_init_residual: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: Union[float, Literal["auto"]] = 0.5     # peak LR for a global batch of data.batch_size; scaled
+                                                # linearly with stage batch sizes and processes;
+                                                # "auto" runs the LR finder
+    momentum: float = 0.9                        # also the peak of momentum cycling (minimum: 0.85x)
+    weight_decay: float = 5e-5                   # never applied to BatchNorm or bias parameters
+    label_smoothing: float = 0.1
+    nesterov: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = 16
+    pct_start: float = 0.125             # LR peak after 2 of 16 epochs, as in FFCV's recipes
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal: Literal["linear", "cos"] = "linear"
+    cycle_momentum: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"   # auto: bf16 or fp16 on CUDA, off on CPU
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    early_stop_patience: int = 0         # epochs without val top-1 improvement; 0 turns it off
+    log_every: int = 50                  # steps between log lines
+    max_nonfinite_steps: int = 5         # consecutive NaN/Inf steps before the run stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    flip_tta: bool = True
+    every: int = 1                       # evaluate every N epochs (and always after the last)
+
+
+@dataclass(frozen=True)
+class LRFinderConfig:
+    start_lr: float = 1e-5
+    end_lr: float = 10.0
+    steps: int = 100
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = ""                        # the run directory; empty: runs/<name>-<time>
+    name: str = ""                       # empty: the config file's stem
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def schedule_for_resolution(self) -> ResolutionSchedule:
+        res = self.resolution
+        stages = tuple(Stage(int(s["epochs"]), int(s["resolution"]), s.get("batch_size")) for s in res.stages)
+        return ResolutionSchedule(start=res.start, end=res.end, ramp_start=res.ramp_start,
+                                  ramp_end=res.ramp_end, multiple=res.multiple, stages=stages,
+                                  batch_size=self.data.batch_size)
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_STAGE_KEYS = {"epochs": int, "resolution": int, "batch_size": int}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _field_types(section: str) -> dict[str, object]:
+    cls = _SECTION_CLASSES[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    return [f"{section}.{key}" for section in _SECTION_CLASSES for key in _field_types(section)]
+
+
+def _unknown(name: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"Unknown config key '{name}'.{hint} (run with --print-config to see all keys)")
+
+
+def _describe(kind) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(kind))
+    if typing.get_origin(kind) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(kind))
+    return {tuple: "a list", dict: "a table"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _coerce(name: str, value, kind):
+    """Check `value` against the annotation `kind`; ints are accepted for floats."""
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(kind) and type(value) is type(typing.get_args(kind)[0]):
+            return value
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif kind is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce_stage(f"{name}[{i}]", s) for i, s in enumerate(value))
+    raise ConfigError(f"Config key '{name}' expects {_describe(kind)}, got {type(value).__name__} {value!r}.")
+
+
+def _coerce_stage(name: str, stage) -> dict:
+    if not isinstance(stage, dict):
+        raise ConfigError(f"'{name}' must be a table like {{epochs = 4, resolution = 160, batch_size = 512}}.")
+    for key, value in stage.items():
+        if key not in _STAGE_KEYS:
+            raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in _STAGE_KEYS])
+        _coerce(f"{name}.{key}", value, _STAGE_KEYS[key])
+    if "epochs" not in stage or "resolution" not in stage:
+        raise ConfigError(f"'{name}' needs both 'epochs' and 'resolution'.")
+    return dict(stage)
+
+
+def _merge(base: dict, layer: dict, origin: str) -> None:
+    """Merge one parsed TOML layer into `base` (section -> key -> value), checking keys and types."""
+    for section, values in layer.items():
+        if section not in _SECTION_CLASSES:
+            raise _unknown(section, list(_SECTION_CLASSES))
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section}' in {origin} must be a [{section}] table, not a value.")
+        types_ = _field_types(section)
+        for key, value in values.items():
+            if key not in types_:
+                raise _unknown(f"{section}.{key}", valid_keys())
+            base[section][key] = _coerce(f"{section}.{key}", value, types_[key])
+
+
+def parse_value(text: str):
+    """A command-line value as a TOML literal (0.4, true, [1, 2], {a = 1}), else as a plain string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--optim.lr=0.4', '--data.backend', 'dali'] -> {'optim': {'lr': 0.4}, 'data': {'backend': 'dali'}}."""
+    layer: dict = {}
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"Cannot read argument '{arg}': overrides look like --section.key=value.")
+        name, sep, text = arg[2:].partition("=")
+        if not sep:
+            if not args:
+                raise ConfigError(f"Override '{arg}' has no value: write --{name}=VALUE.")
+            text = args.pop(0)
+        section, _, key = name.partition(".")
+        if "." in key:   # --data.options.order=random: a key inside a table-valued field
+            key, _, inner = key.partition(".")
+            layer.setdefault(section, {}).setdefault(key, {})[inner] = parse_value(text)
+        else:
+            layer.setdefault(section, {})[key] = parse_value(text)
+    return layer
+
+
+def find_config(path: str | Path) -> Path:
+    """The path as given, else configs/<name> (with .toml added when missing)."""
+    path = Path(path)
+    candidates = [path, CONFIG_DIR / path.name, Path("configs") / path.name]
+    if path.suffix != ".toml":
+        candidates += [c.with_name(c.name + ".toml") for c in candidates]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.toml"))
+    raise ConfigError(f"Config file '{path}' not found (also looked in {CONFIG_DIR}). "
+                      f"Available: {', '.join(known) or 'none'}.")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict = (),
+                tune: str | Path | None = None) -> Config:
+    """Defaults <- config file <- tune file <- overrides, validated into a frozen `Config`."""
+    merged: dict = {section: {} for section in _SECTION_CLASSES}
+    stem = "default"
+    if path is not None:
+        found = find_config(path)
+        stem = found.stem
+        _merge(merged, _read_toml(found), str(found))
+    if tune is not None:
+        tune = Path(tune)
+        if not tune.is_file():
+            raise ConfigError(f"Tuning file '{tune}' not found. Create one with `python -m benchmarks autotune`.")
+        _merge(merged, _read_toml(tune), str(tune))
+    layer = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    options = layer.get("data", {}).get("options")
+    if isinstance(options, dict):   # option overrides add to the file's table rather than replace it
+        layer["data"]["options"] = {**merged["data"].get("options", {}), **options}
+    _merge(merged, layer, "the command line")
+    if not merged["run"].get("name"):
+        merged["run"]["name"] = stem
+    config = Config(**{section: _SECTION_CLASSES[section](**values) for section, values in merged.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Range checks the type system cannot express."""
+    checks = [
+        (config.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (config.data.workers >= 0, "data.workers must be 0 or more"),
+        (config.schedule.epochs >= 1, "schedule.epochs must be at least 1"),
+        (0 < config.schedule.pct_start < 1, "schedule.pct_start must be between 0 and 1"),
+        (0 < config.augment.min_scale <= config.augment.max_scale <= 1,
+         "augment needs 0 < min_scale <= max_scale <= 1"),
+        (0 <= config.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
+        (config.optim.lr == "auto" or config.optim.lr > 0, "optim.lr must be positive or \"auto\""),
+        (config.eval.every >= 1, "eval.every must be at least 1"),
+        (config.train.log_every >= 1, "train.log_every must be at least 1"),
+        (config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        config.schedule_for_resolution()
+    except ValueError as err:
+        raise ConfigError(f"[resolution]: {err}") from err
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML; `load_config` of the result gives back an equal Config."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_dict(payload: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (as stored in checkpoints)."""
+    return load_config(None, overrides={s: dict(v) for s, v in payload.items()})

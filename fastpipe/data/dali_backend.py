@@ -1,0 +1,125 @@
+"""DALI backend: the beton's stored bytes go through `fn.external_source` into DALI's decoders.
+
+JPEG samples are decoded with ROI decoding (only the crop region); raw-pixel samples (beton write
+modes raw/smart/proportion) are wrapped as binary PPM so one decoder handles both. Without a GPU the
+whole pipeline runs on the CPU (device_id=None); with one, decoding is "mixed" (nvJPEG).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
+from fastpipe.data.beton import BetonSamples, check_beton
+
+
+def ppm_bytes(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    # No DALI operator takes a mix of encoded and raw images; a 15-byte PPM header makes raw
+    # pixels decodable by the same image decoder at the cost of one copy.
+    header = np.frombuffer(f"P6\n{width} {height}\n255\n".encode(), dtype=np.uint8)
+    return np.concatenate([header, pixels])
+
+
+class BetonSource:
+    """Batches of (encoded images, labels) in the order set for the epoch.
+
+    With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
+    order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
+    """
+
+    def __init__(self, samples: BetonSamples, batch_size: int):
+        self.samples = samples
+        self.batch_size = batch_size
+        self.order = np.zeros(0, dtype=np.int64)
+
+    def __iter__(self):
+        samples, order = self.samples, self.order
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            encoded = [ppm_bytes(samples.encoded(i), samples.width[i], samples.height[i])
+                       if samples.is_raw(i) else samples.encoded(i) for i in indices]
+            yield encoded, samples.labels[indices]
+
+
+class EpochRunner:
+    """One built pipeline (fixed resolution and batch size) with its source and iterator."""
+
+    def __init__(self, pipeline, source: BetonSource):
+        self.pipeline, self.source, self.iterator = pipeline, source, None
+        self.finished = True   # False while an epoch is in flight
+
+    def epoch(self, order: np.ndarray):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        self.source.order = order   # read by the source when DALI resets it, below
+        if self.iterator is None:
+            # prepare_first_batch=False: nothing is read before the order above is in place
+            self.iterator = DALIGenericIterator(self.pipeline, ["images", "labels"], auto_reset=False,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL,
+                                                prepare_first_batch=False)
+        else:
+            self.iterator.reset()
+        self.finished = False
+        for outputs in self.iterator:
+            yield outputs[0]["images"], outputs[0]["labels"]
+        self.finished = True
+
+
+class DALILoader(LoaderBase):
+    """Options: hw_decoder_load (share of JPEGs for the hardware decoder, GPU only), prefetch (batches)."""
+
+    backend = "dali"
+
+    def __init__(self, data, split: str = "train", *, hw_decoder_load: float = 0.65, prefetch: int = 2,
+                 **common):
+        super().__init__(data, split, **common)
+        self.samples = BetonSamples(check_beton(self.data_dir, split, self.manifest))
+        if not 0 <= hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        self.hw_decoder_load, self.prefetch = hw_decoder_load, int(prefetch)
+        self.runners: dict[tuple[int, int], EpochRunner] = {}   # DALI fixes sizes when it builds
+
+    def build_pipeline(self, resolution: int, batch_size: int) -> EpochRunner:
+        from nvidia.dali import fn, pipeline_def, types
+        gpu = self.device.type == "cuda"
+        decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
+        source = BetonSource(self.samples, batch_size)
+
+        @pipeline_def
+        def pipeline():
+            encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
+                                                 dtype=[types.UINT8, types.INT64])
+            if self.train:
+                images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=self.scale,
+                                                       random_aspect_ratio=self.ratio, num_attempts=10,
+                                                       **decoder_args)
+                images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+                mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
+            else:
+                images = fn.decoders.image(encoded, output_type=types.RGB, **decoder_args)
+                images = fn.resize(images, resize_shorter=resolution / VAL_CROP_RATIO)
+                mirror = 0
+            # HWC out: the NCHW view of an NHWC batch is already channels_last
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC",
+                                              crop=(resolution, resolution), mirror=mirror)
+            return images, labels
+
+        built = pipeline(batch_size=batch_size, num_threads=self.workers,
+                         device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
+                         seed=self.seed + 1000 * self.rank + resolution)
+        built.build()
+        return EpochRunner(built, source)
+
+    def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.epoch_order(epoch)
+        if len(order) == 0:
+            return
+        key = (self.resolution, self.batch_size)
+        runner = self.runners.get(key)
+        if runner is None or not runner.finished:
+            # a new setting, or the last epoch on this pipeline stopped early: DALI cannot
+            # reset mid-epoch, so start a fresh pipeline
+            runner = self.runners[key] = self.build_pipeline(*key)
+        for images, labels in runner.epoch(order):
+            yield self.finish(images.permute(0, 3, 1, 2), labels)

@@ -1,0 +1,93 @@
+"""torchvision baseline: the split's ORIGINAL image files (listed in the manifest, so exactly the
+beton's samples and labels) decoded and augmented in DataLoader worker processes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
+from fastpipe.data.beton import BetonError
+
+
+class ManifestImages(Dataset):
+    """Item (index, resolution) -> (HxWx3 uint8 image, label); resolution travels with the index so
+    persistent workers follow `set_resolution` without a restart."""
+
+    def __init__(self, root: Path, samples: list, train: bool, scale, ratio, flip: bool):
+        self.root, self.samples = root, samples
+        self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
+        self.transforms: dict[int, v2.Transform] = {}
+
+    def transform(self, resolution: int) -> v2.Transform:
+        if resolution not in self.transforms:
+            if self.train:
+                steps = [v2.RandomResizedCrop(resolution, scale=self.scale, ratio=self.ratio, antialias=True),
+                         *([v2.RandomHorizontalFlip(0.5)] if self.flip else [])]
+            else:
+                steps = [v2.Resize(round(resolution / VAL_CROP_RATIO), antialias=True), v2.CenterCrop(resolution)]
+            self.transforms[resolution] = v2.Compose(steps)
+        return self.transforms[resolution]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, resolution = item
+        relative, label = self.samples[index]
+        image = decode_image(str(self.root / relative), mode=ImageReadMode.RGB)
+        # HWC here (in the worker) so the collated NHWC batch is a free channels_last NCHW view
+        return self.transform(resolution)(image).permute(1, 2, 0).contiguous(), label
+
+
+class EpochSampler(Sampler):
+    """Yields (index, resolution) for the order the loader set; read in the main process."""
+
+    def __init__(self):
+        self.order, self.resolution = np.zeros(0, dtype=np.int64), 0
+
+    def __iter__(self):
+        return ((int(i), self.resolution) for i in self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class TorchLoader(LoaderBase):
+    """Options: prefetch_factor (batches per worker)."""
+
+    backend = "torch"
+
+    def __init__(self, data, split: str = "train", *, prefetch_factor: int = 2, **common):
+        super().__init__(data, split, **common)
+        root = Path(self.manifest.get("source_root", ""))
+        samples = self.split_info.get("samples")
+        if not samples or not root.is_dir():
+            raise BetonError(f"The torch backend reads the original images, but {self.data_dir}/manifest.json "
+                             f"lists {'no samples' if not samples else f'source_root {root}, which does not exist'}. "
+                             f"Use backend 'ffcv' or 'dali', or re-convert from an existing folder.")
+        first = root / samples[0][0]
+        if not first.is_file():
+            raise BetonError(f"Source image {first} (from {self.data_dir}/manifest.json) is missing; the torch "
+                             f"backend needs the original folder. Use backend 'ffcv' or 'dali'.")
+        self.dataset = ManifestImages(root, samples, self.train, self.scale, self.ratio, self.flip)
+        self.sampler = EpochSampler()
+        # Order and batch size live in the main process, so changing them needs no worker restart.
+        self.batch_sampler = BatchSampler(self.sampler, self.batch_size, drop_last=False)
+        self.dataloader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
+                                     pin_memory=self.device.type == "cuda", persistent_workers=True,
+                                     prefetch_factor=prefetch_factor,
+                                     generator=torch.Generator().manual_seed(self.seed))
+
+    def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.order = self.epoch_order(epoch)
+        self.sampler.resolution = self.resolution
+        self.batch_sampler.batch_size = self.batch_size
+        for images, labels in self.dataloader:
+            yield self.finish(images.permute(0, 3, 1, 2), labels)

@@ -1,0 +1,244 @@
+"""Learning-rate range test: an exponential LR sweep whose loss curve suggests OneCycleLR's `max_lr`.
+
+The sweep trains the real model for a few dozen steps, so everything it touches (weights, buffers,
+gradients, optimizer and scaler state, RNG streams, train/eval mode) is put back bit for bit afterwards.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import numpy as np
+import torch
+
+SKIP_END = 5  # the last few points of a sweep are the blow-up, not the slope we want
+
+
+@dataclass
+class LRFinderResult:
+    """Outcome of `find_lr`. Suggestions are None when the curve was too short to read."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float | None  # steepest descent of the smoothed curve: the recommended max_lr
+    min_loss_div10: float | None  # LR at the smoothed minimum, divided by 10
+    valley: float | None  # fastai's "valley": inside the longest descending stretch
+    stopped_early: bool
+    reason: str
+    csv_path: Path | None = None
+    png_path: Path | None = None
+    indices: dict[str, int] = field(default_factory=dict)  # where each suggestion sits in `lrs`
+
+    def suggestions(self) -> dict[str, float | None]:
+        return {"steepest": self.suggestion, "min_loss_div10": self.min_loss_div10, "valley": self.valley}
+
+
+def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
+            batches: Iterable, *, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
+            autocast: Callable[[], ContextManager] = nullcontext, scaler: torch.amp.GradScaler | None = None,
+            smoothing: float = 0.98, diverge_factor: float = 4.0,
+            out_dir: str | Path | None = None) -> LRFinderResult:
+    """Sweep the LR exponentially from `start_lr` to `end_lr` over `steps` optimizer steps.
+
+    `batches` yields (images, labels) already on the model's device; it is restarted with `iter()`
+    when exhausted, so a loader with fewer than `steps` batches is fine. Each step runs under
+    `autocast()` and, when given, `scaler` (the same AMP setup as training). The loss is smoothed with a
+    bias-corrected EMA (`smoothing`); the sweep stops when the smoothed loss exceeds `diverge_factor`
+    times its minimum or a loss is NaN/Inf. Every parameter group gets the swept LR.
+
+    Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
+    numpy, torch CPU and CUDA RNG states are exactly as before. With `out_dir`, writes
+    `lr_finder.csv` and `lr_finder.png` there.
+    """
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"LR finder needs 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}. "
+                         f"Set [lr_finder] start_lr/end_lr accordingly.")
+    if steps < 2:
+        raise ValueError(f"LR finder needs at least 2 steps, got steps={steps}.")
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"LR finder smoothing must be in [0, 1), got {smoothing}.")
+
+    saved = _snapshot(model, optimizer, scaler)
+    try:
+        lrs, losses, smoothed, stopped_early, reason = _sweep(
+            model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
+            smoothing, diverge_factor)
+    finally:
+        _restore(saved, model, optimizer, scaler)
+
+    result = LRFinderResult(lrs, losses, smoothed, None, None, None, stopped_early, reason)
+    _suggest(result, skip_start=max(1, steps // 10))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result.csv_path = write_csv(result, out_dir / "lr_finder.csv")
+        result.png_path = plot(result, out_dir / "lr_finder.png")
+    return result
+
+
+def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
+           smoothing, diverge_factor):
+    lrs, losses, smoothed = [], [], []
+    ratio = end_lr / start_lr
+    average, best = 0.0, math.inf
+    model.train()
+    stream = _cycle(batches)
+    for step in range(steps):
+        lr = start_lr * ratio ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = criterion(model(images), labels)
+        value = float(loss.detach().float())
+        if not math.isfinite(value):
+            return lrs, losses, smoothed, True, f"loss became {value} at lr={lr:.3g} (step {step})"
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        average = smoothing * average + (1 - smoothing) * value
+        current = average / (1 - smoothing ** (step + 1))  # bias correction, as in Adam
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(current)
+        best = min(best, current)
+        if step > 0 and current > diverge_factor * best:
+            return (lrs, losses, smoothed, True,
+                    f"smoothed loss {current:.4g} exceeded {diverge_factor:g}x its minimum {best:.4g} "
+                    f"at lr={lr:.3g} (step {step})")
+    return lrs, losses, smoothed, False, f"completed {steps} steps up to lr={end_lr:.3g}"
+
+
+def _cycle(batches: Iterable):
+    """Yield batches forever, calling iter() again at each exhaustion (a new loader epoch)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("LR finder got no batches: the loader is empty (check batch size vs data size "
+                             "and drop_last) or a one-shot iterator was already consumed.")
+
+
+def _snapshot(model, optimizer, scaler) -> dict:
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "model": {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()},
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+        "training": {module: module.training for module in model.modules()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+        "rng": rng,
+    }
+
+
+def _restore(saved: dict, model, optimizer, scaler) -> None:
+    with torch.no_grad():
+        current = model.state_dict(keep_vars=True)
+        for name, tensor in saved["model"].items():
+            current[name].copy_(tensor)
+    for param, grad in zip(model.parameters(), saved["grads"]):
+        param.grad = grad
+    for module, training in saved["training"].items():
+        module.training = training
+    optimizer.load_state_dict(saved["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(saved["scaler"])
+    rng = saved["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _suggest(result: LRFinderResult, skip_start: int) -> None:
+    """Fill the three suggestions from the smoothed curve, trimmed of its noisy start and blow-up end."""
+    smoothed = np.asarray(result.smoothed, dtype=np.float64)
+    lrs = np.asarray(result.lrs, dtype=np.float64)
+    if len(smoothed) < 3:
+        return
+    start, end = skip_start, len(smoothed) - SKIP_END
+    if end - start < 3:  # a short, early-stopped sweep: read what there is
+        start, end = 0, len(smoothed)
+    window, window_lrs = smoothed[start:end], lrs[start:end]
+
+    steepest = int(np.argmin(np.gradient(window, np.log10(window_lrs))))
+    lowest = int(np.argmin(window))
+    valley = _valley_index(window)
+    result.suggestion = float(window_lrs[steepest])
+    result.min_loss_div10 = float(window_lrs[lowest] / 10)
+    result.valley = float(window_lrs[valley])
+    result.indices = {"steepest": start + steepest, "min_loss": start + lowest, "valley": start + valley}
+
+
+def _valley_index(losses: np.ndarray) -> int:
+    """fastai's valley rule, hand-written (no library offers it): take the longest strictly decreasing
+    subsequence of the loss curve and return the point half-way between its 1/3 and 2/3 marks."""
+    n = len(losses)
+    length = np.ones(n, dtype=np.int64)  # longest decreasing subsequence ending at i
+    for i in range(1, n):
+        earlier = losses[:i] > losses[i]
+        if earlier.any():
+            length[i] = length[:i][earlier].max() + 1
+    end = int(np.argmax(length))
+    start = end - int(length[end])
+    third = (end - start) / 3
+    return min(n - 1, max(0, start + int(third) + int(third / 2)))
+
+
+def write_csv(result: LRFinderResult, path: Path) -> Path:
+    import pandas as pd
+
+    frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
+                          "smoothed_loss": result.smoothed})
+    frame.to_csv(path, index=False)
+    return path
+
+
+def plot(result: LRFinderResult, path: Path) -> Path:
+    """Loss vs LR on a log axis, with the three suggestions marked and the blow-up clipped."""
+    from matplotlib.figure import Figure  # object API: no pyplot global state, no display backend
+
+    fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    lrs, smoothed = np.asarray(result.lrs), np.asarray(result.smoothed)
+    if len(lrs):
+        ax.plot(lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
+        ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
+        markers = [("steepest", result.suggestion, "tab:red", "o", "suggestion (steepest)"),
+                   ("min_loss", result.min_loss_div10, "tab:green", "s", "min loss / 10"),
+                   ("valley", result.valley, "tab:orange", "^", "valley")]
+        for key, lr, color, marker, label in markers:
+            if lr is None:
+                continue
+            y = float(np.interp(np.log(lr), np.log(lrs), smoothed))
+            ax.axvline(lr, color=color, linestyle="--", linewidth=1, alpha=0.7)
+            ax.plot([lr], [y], marker=marker, color=color, markersize=9 if key == "steepest" else 7,
+                    linestyle="none", label=f"{label}: {lr:.2e}")
+        low = float(min(np.min(smoothed), np.min(result.losses)))
+        high = float(smoothed[0]) if len(smoothed) else low
+        span = max(high - low, 0.05 * abs(low), 1e-8)
+        ax.set_ylim(low - 0.1 * span, high + 0.3 * span)  # keep the descent readable, clip the blow-up
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test - {result.reason}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.savefig(path)
+    return path

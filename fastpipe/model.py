@@ -1,0 +1,179 @@
+"""ResNet models for the trainer: torchvision architectures plus the fast-ImageNet options.
+
+BlurPool, freezing, fine-tune head replacement, weight-decay parameter groups and a model summary
+(layers, parameters, FLOPs at a given resolution).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+FREEZE_MODES = ("none", "bn", "backbone")
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class BlurPoolConv2d(nn.Conv2d):
+    """A strided convolution preceded by a fixed 3x3 binomial blur (anti-aliased downsampling).
+
+    Hand-written because neither torch nor torchvision ships it. Subclassing Conv2d keeps the weight
+    names (`conv2.weight`), so checkpoints load into models with or without BlurPool.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :]) / 16.0
+        self.register_buffer("blur", kernel.expand(self.in_channels, 1, 3, 3).clone(), persistent=False)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "BlurPoolConv2d":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        new.load_state_dict(conv.state_dict())
+        return new.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blurred = F.conv2d(x, self.blur.to(x.dtype), padding=1, groups=self.in_channels)
+        return super().forward(blurred)
+
+
+def add_blurpool(model: nn.Module, min_channels: int = 16) -> int:
+    """Swap strided convolutions with at least `min_channels` inputs (not the RGB stem) for BlurPool ones."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= min_channels):
+                setattr(parent, name, BlurPoolConv2d.from_conv(child))
+                replaced += 1
+    return replaced
+
+
+def build_model(arch: str, num_classes: int, *, blurpool: bool = False,
+                zero_init_residual: bool = True) -> nn.Module:
+    """A randomly initialised torchvision ResNet. zero_init_residual zeroes the last BN of each block so
+    every block starts as the identity, which trains faster with large batches (Goyal et al., 2017)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"Unknown model.arch '{arch}'; choose one of {', '.join(ARCHITECTURES)}.")
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                              zero_init_residual=zero_init_residual)
+    if blurpool:
+        add_blurpool(model)
+    return model
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    model.fc = nn.Linear(model.fc.in_features, num_classes).to(model.fc.weight.device)
+
+
+def load_weights(model: nn.Module, state: dict) -> list[str]:
+    """Fine-tune initialisation: load matching weights, keep the new head when its shape differs.
+    Returns the names of the tensors left at their fresh initialisation."""
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise ValueError(f"Checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}. Check model.arch and model.blurpool against the checkpoint.")
+    return sorted(set(skipped) | set(missing))
+
+
+def apply_freeze(model: nn.Module, mode: str) -> None:
+    """`bn`: BatchNorm affine parameters fixed; `backbone`: only the classifier head trains."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"Unknown model.freeze '{mode}'; choose one of {', '.join(FREEZE_MODES)}.")
+    for module in model.modules():
+        frozen = (mode == "backbone" and module is not model.fc) or (
+            mode == "bn" and isinstance(module, nn.modules.batchnorm._BatchNorm))
+        if frozen:
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+    if mode == "backbone":
+        for param in model.fc.parameters():
+            param.requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, freeze: str) -> None:
+    """model.train(), except frozen BatchNorm layers keep their running statistics (eval mode)."""
+    model.train()
+    if freeze in ("bn", "backbone"):
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: normalisation layers and biases are chosen by module
+    type, not by name (name matching misses torchvision's `downsample.1` BatchNorm)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, NORM_TYPES) or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def summarize(model: nn.Module, resolution: int, *, device: torch.device | str = "cpu") -> tuple[str, int]:
+    """A text table of the top-level layers (output shape, parameters, forward FLOPs) for one image at
+    `resolution`, and the total forward FLOPs per image."""
+    shapes: dict[str, tuple] = {}
+    hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+             for name, child in model.named_children()]
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, resolution, resolution, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    lines = [f"{'layer':<12} {'type':<18} {'output':<20} {'params':>12} {'GFLOPs':>10}"]
+    for name, child in model.named_children():
+        params = sum(p.numel() for p in child.parameters())
+        flops = sum(per_module.get(f"{root}.{name}", {}).values())
+        lines.append(f"{name:<12} {type(child).__name__:<18} {str(shapes.get(name, '-')):<20} "
+                     f"{params:>12,} {flops / 1e9:>10.3f}")
+    total_flops = counter.get_total_flops()
+    total, trainable = count_parameters(model)
+    lines += ["", f"parameters: {total:,} ({trainable:,} trainable)",
+              f"forward FLOPs per image at {resolution}px: {total_flops / 1e9:.3f} G "
+              f"(training step ~3x: {3 * total_flops / 1e9:.3f} G)"]
+    return "\n".join(lines), total_flops
+
+
+class CompileCounter:
+    """A torch.compile backend that counts the graphs it compiles, then hands them to `backend`.
+
+    With dynamic=False every new input shape (resolution, batch size) is one new graph, so the count
+    shows recompiles directly: it must grow once per distinct resolution and never in steady state.
+    """
+
+    def __init__(self, backend: str = "inductor"):
+        self.backend = backend
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend(self.backend)(graph_module, example_inputs)
+
+
+def compile_model(model: nn.Module, backend: str = "inductor", max_graphs: int = 64):
+    """torch.compile with static shapes: one specialised graph per resolution instead of a slower
+    dynamic-shape graph. Returns (compiled module, CompileCounter)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_graphs)
+    counter = CompileCounter(backend)
+    return torch.compile(model, dynamic=False, backend=counter), counter

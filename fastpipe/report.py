@@ -1,0 +1,447 @@
+"""Run reports: console + train.log, metrics.csv, TensorBoard, log.md, PNG plots, summary.json, class report.
+
+Accuracies are fractions in [0, 1] everywhere (files, TensorBoard); the console and Markdown show percent.
+Only rank 0 should write: pass `enabled=False` elsewhere and every method does nothing.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import importlib.metadata
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # object API: thread-safe, no pyplot state, no display needed
+from matplotlib.ticker import MaxNLocator
+from rich.console import Console
+
+METRIC_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
+               "resolution", "batch_size", "images_per_second", "epoch_time_s", "data_wait_pct")
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_top1": "accuracy/train_top1",
+                    "val_top1": "accuracy/val_top1", "val_top5": "accuracy/val_top5"}
+MARKDOWN_COLUMNS = [("epoch", "epoch", "{:.0f}"), ("train_loss", "train loss", "{:.4f}"),
+                    ("train_top1", "train top-1", "{:.2%}"), ("val_loss", "val loss", "{:.4f}"),
+                    ("val_top1", "val top-1", "{:.2%}"), ("val_top5", "val top-5", "{:.2%}"),
+                    ("lr", "lr", "{:.4g}"), ("momentum", "momentum", "{:.3f}"), ("resolution", "res", "{:.0f}"),
+                    ("batch_size", "batch", "{:.0f}"), ("images_per_second", "img/s", "{:,.0f}"),
+                    ("epoch_time_s", "time (s)", "{:.1f}"), ("data_wait_pct", "data wait", "{:.1f}%")]
+PLOTS = ("loss", "accuracy", "lr", "momentum", "throughput", "resolution")
+FULL_MATRIX_MAX_CLASSES = 30  # above this the confusion image shows only the most confused classes
+TOP_CONFUSED_CLASSES = 20
+
+
+class RunReport:
+    """Everything a run writes for people to read, under `run_dir`.
+
+    `log(msg)` prints via rich and appends to train.log; `step(...)` records per-step scalars (for the LR
+    and momentum curves); `epoch(metrics)` appends to metrics.csv, TensorBoard and log.md and redraws
+    plots/*.png; `finish(summary, eval_result)` writes summary.json and the class report. With
+    `resume=True` the earlier metrics.csv/steps.csv rows are kept (a re-run epoch replaces its row).
+    Use `report.console` for rich progress bars so they share one console with the log.
+    """
+
+    def __init__(self, run_dir: str | Path, classes: list[str] | None = None, *, tensorboard: bool = True,
+                 enabled: bool = True, resume: bool = False, console: Console | None = None):
+        self.run_dir, self.classes, self.enabled = Path(run_dir), list(classes or []), enabled
+        self.console = console or Console()
+        self.history = pd.DataFrame()
+        self.steps: list[dict] = []
+        self.writer = None
+        if not enabled:
+            return
+        (self.run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        if resume and (self.run_dir / "metrics.csv").is_file():
+            self.history = pd.read_csv(self.run_dir / "metrics.csv")
+        if resume and (self.run_dir / "steps.csv").is_file():
+            self.steps = pd.read_csv(self.run_dir / "steps.csv").to_dict("records")
+        elif (self.run_dir / "steps.csv").is_file():
+            (self.run_dir / "steps.csv").unlink()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def log(self, message: str, *, style: str | None = None) -> None:
+        """Print `message` (no rich markup parsing, so '[data]' stays literal) and append it to train.log."""
+        if not self.enabled:
+            return
+        self.console.print(message, style=style, markup=False, soft_wrap=True)
+        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.run_dir / "train.log", "a") as handle:
+            handle.write(f"{stamp} {message}\n")
+
+    def step(self, step: int, *, epoch: float, **scalars: float) -> None:
+        """Per-step scalars (lr, momentum, loss, ...) at fractional `epoch`; call every few steps."""
+        if not self.enabled:
+            return
+        row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in scalars.items()}}
+        path = self.run_dir / "steps.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as handle:  # one row per call: pandas would rewrite the file
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.steps.append(row)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"step/{key}", value, step)
+
+    def epoch(self, metrics: dict, *, echo: bool = True) -> None:
+        """Record one epoch (keys: METRIC_KEYS; missing ones are blank, extra ones are kept in the CSV)."""
+        if not self.enabled:
+            return
+        if "epoch" not in metrics:
+            raise ValueError(f"epoch metrics need an 'epoch' key; got {sorted(metrics)}")
+        row = {key: _number(value) for key, value in metrics.items()}
+        if not self.history.empty and "epoch" in self.history:
+            self.history = self.history[self.history["epoch"] != row["epoch"]]
+        self.history = pd.concat([self.history, pd.DataFrame([row])], ignore_index=True)
+        self.history = self.history.sort_values("epoch", ignore_index=True)
+        columns = [k for k in METRIC_KEYS if k in self.history] + \
+                  [k for k in self.history if k not in METRIC_KEYS]
+        self.history = self.history[columns]
+        _replace_atomic(self.run_dir / "metrics.csv", self.history.to_csv(index=False))
+        _replace_atomic(self.run_dir / "log.md", self._markdown())
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"epoch/{key}"), value, int(row["epoch"]))
+            self.writer.flush()
+        self.plot()
+        if echo:
+            self.log(_epoch_line(row))
+
+    def plot(self) -> dict[str, Path]:
+        """Redraw plots/dashboard.png and one PNG per panel from the history so far."""
+        if not self.enabled or self.history.empty:
+            return {}
+        steps = pd.DataFrame(self.steps)
+        paths = {}
+        # Fixed margins rather than constrained layout: the same look at a third of the drawing time.
+        fig = Figure(figsize=(15, 8.5), dpi=90)
+        fig.subplots_adjust(left=0.05, right=0.95, bottom=0.07, top=0.91, wspace=0.38, hspace=0.32)
+        for ax, name in zip(fig.subplots(2, 3).flat, PLOTS):
+            _draw(name, ax, self.history, steps)
+        fig.suptitle(f"{self.run_dir.name}: epoch {int(self.history['epoch'].iloc[-1])}")
+        paths["dashboard"] = self.run_dir / "plots" / "dashboard.png"
+        fig.savefig(paths["dashboard"])
+        for name in PLOTS:
+            fig = Figure(figsize=(7, 4.5), dpi=90)
+            fig.subplots_adjust(left=0.12, right=0.88, bottom=0.12, top=0.9)
+            _draw(name, fig.add_subplot(), self.history, steps)
+            paths[name] = self.run_dir / "plots" / f"{name}.png"
+            fig.savefig(paths[name])
+        return paths
+
+    def finish(self, summary: dict | None = None, eval_result=None, *, sample_ids=None) -> dict:
+        """Write summary.json (best/final accuracy, time, img/s, environment, plus `summary`) and, with
+        `eval_result` (an evaluate.EvalResult), the class report (see `write_class_report`)."""
+        if not self.enabled:
+            return {}
+        from fastpipe.data.beton import write_json_atomic
+
+        payload = {"run_dir": str(self.run_dir.resolve()), **summarize(self.history)}
+        if eval_result is not None:
+            payload["eval"] = eval_summary(eval_result, self.classes)
+            payload["files"] = {k: str(v) for k, v in
+                                write_class_report(self.run_dir, eval_result, self.classes, sample_ids).items()}
+        payload.update(summary or {})
+        payload["environment"] = environment()
+        write_json_atomic(self.run_dir / "summary.json", _jsonable(payload))
+        self.close()
+        return payload
+
+    def _markdown(self) -> str:
+        header = "| " + " | ".join(label for _, label, _ in MARKDOWN_COLUMNS) + " |"
+        lines = [f"# {self.run_dir.name}", "", header, "|" + "---:|" * len(MARKDOWN_COLUMNS)]
+        for row in self.history.to_dict("records"):
+            cells = (_markdown_cell(row.get(key), fmt) for key, _, fmt in MARKDOWN_COLUMNS)
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def summarize(history: pd.DataFrame) -> dict:
+    """Best/final accuracy, total time and mean throughput from the per-epoch table."""
+    if history.empty:
+        return {"epochs": 0}
+    out = {"epochs": int(history["epoch"].max())}
+    val = history.dropna(subset=["val_top1"]) if "val_top1" in history else pd.DataFrame()
+    if not val.empty:
+        best = val.loc[val["val_top1"].idxmax()]
+        out.update(best_val_top1=best["val_top1"], best_epoch=int(best["epoch"]),
+                   final_val_top1=val["val_top1"].iloc[-1],
+                   final_val_top5=val["val_top5"].iloc[-1] if "val_top5" in val else None,
+                   final_val_loss=val["val_loss"].iloc[-1] if "val_loss" in val else None)
+    for key, name, reduce in (("epoch_time_s", "train_time_s", "sum"), ("images_per_second",
+                              "mean_images_per_second", "mean"), ("data_wait_pct", "mean_data_wait_pct", "mean")):
+        if key in history:
+            out[name] = getattr(history[key], reduce)()
+    return out
+
+
+def confusion_matrix(targets, preds, num_classes: int) -> np.ndarray:
+    """Counts with true classes as rows and predicted classes as columns."""
+    targets, preds = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, -1)
+
+
+def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, f1 and support per class (0 where a ratio has nothing to divide by)."""
+    correct = np.diag(matrix).astype(np.float64)
+    support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
+    precision = np.divide(correct, predicted, out=np.zeros_like(correct), where=predicted > 0)
+    recall = np.divide(correct, support, out=np.zeros_like(correct), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(correct), where=total > 0)
+    return pd.DataFrame({"class_index": np.arange(len(matrix)), "class": classes, "precision": precision,
+                         "recall": recall, "f1": f1, "support": support})
+
+
+def top_confusions(matrix: np.ndarray, classes: list[str], limit: int = 100) -> pd.DataFrame:
+    """The most frequent (true, predicted) mistakes, largest first."""
+    errors = matrix.copy()
+    np.fill_diagonal(errors, 0)
+    order = np.argsort(errors, axis=None, kind="stable")[::-1][:limit]
+    true, pred = np.unravel_index(order, errors.shape)
+    keep = errors[true, pred] > 0
+    true, pred = true[keep], pred[keep]
+    support = matrix.sum(axis=1)[true]
+    return pd.DataFrame({"true": [classes[i] for i in true], "predicted": [classes[i] for i in pred],
+                         "count": errors[true, pred], "share_of_true": errors[true, pred] / np.maximum(support, 1)})
+
+
+def class_names(classes, num_classes: int) -> list[str]:
+    if classes and len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} model outputs: the checkpoint and the "
+                         f"data set disagree (check data.path and the manifest's classes).")
+    return list(classes) if classes else [str(i) for i in range(num_classes)]
+
+
+def eval_summary(result, classes=None) -> dict:
+    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
+    table = per_class_table(confusion_matrix(result.targets, result.preds, result.num_classes), names)
+    return {"loss": result.loss, "top1": result.top1, "top5": result.top5, "topk": result.topk,
+            "count": result.count, "macro_precision": table["precision"].mean(),
+            "macro_recall": table["recall"].mean(), "macro_f1": table["f1"].mean()}
+
+
+def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -> Path:
+    """predictions.csv: one row per sample with path (or index), true, predicted (class names when known)
+    and confidence (softmax probability of the prediction)."""
+    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
+    if sample_ids is not None and len(sample_ids) != result.count:
+        raise ValueError(f"{len(sample_ids)} sample ids for {result.count} predictions: ids must follow the "
+                         f"loader's order (unshuffled, drop_last=False, one process).")
+    first = ("path", list(sample_ids)) if sample_ids is not None else ("index", np.arange(result.count))
+    frame = pd.DataFrame({first[0]: first[1], "true": [names[i] for i in result.targets],
+                          "predicted": [names[i] for i in result.preds], "confidence": result.confidences})
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return Path(path)
+
+
+def write_class_report(out_dir: str | Path, result, classes=None, sample_ids=None) -> dict[str, Path]:
+    """predictions.csv, per_class.csv, top_confusions.csv and confusion_matrix.png in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
+    matrix = confusion_matrix(result.targets, result.preds, result.num_classes)
+    paths = {"predictions": write_predictions(result, out_dir / "predictions.csv", sample_ids, names),
+             "per_class": out_dir / "per_class.csv", "top_confusions": out_dir / "top_confusions.csv",
+             "confusion_matrix": out_dir / "confusion_matrix.png"}
+    per_class_table(matrix, names).to_csv(paths["per_class"], index=False, float_format="%.6f")
+    top_confusions(matrix, names).to_csv(paths["top_confusions"], index=False, float_format="%.6f")
+    plot_confusion(matrix, names, paths["confusion_matrix"])
+    return paths
+
+
+def confused_subset(matrix: np.ndarray, limit: int = TOP_CONFUSED_CLASSES) -> np.ndarray:
+    """Indices of up to `limit` classes taking part in the largest off-diagonal counts."""
+    errors = matrix.copy()
+    np.fill_diagonal(errors, 0)
+    chosen: list[int] = []
+    for flat in np.argsort(errors, axis=None, kind="stable")[::-1]:
+        true, pred = divmod(int(flat), len(matrix))
+        if errors[true, pred] == 0 or len(chosen) >= limit:
+            break
+        chosen += [c for c in (true, pred) if c not in chosen][: limit - len(chosen)]
+    return np.array(sorted(chosen) or range(min(limit, len(matrix))), dtype=np.int64)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrix; with many classes only the most confused ones are shown."""
+    total = len(matrix)
+    subset = np.arange(total) if total <= FULL_MATRIX_MAX_CLASSES else confused_subset(matrix)
+    counts = matrix[np.ix_(subset, subset)]
+    rows = np.maximum(matrix[subset].sum(axis=1, keepdims=True), 1)  # share of all samples of that class
+    size = min(4 + 0.45 * len(subset), 18)
+    fig = Figure(figsize=(size + 1.5, size), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(counts / rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    labels = [classes[i] for i in subset]
+    font = 9 if len(subset) <= 20 else 7
+    ax.set_xticks(range(len(subset)), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(subset)), labels, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if len(subset) <= 20:
+        for (i, j), count in np.ndenumerate(counts):
+            if count:
+                share = count / rows[i, 0]
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=font - 1,
+                        color="white" if share > 0.5 else "black")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    title = "Confusion matrix" if len(subset) == total else \
+        f"Top {len(subset)} most confused classes (of {total})"
+    ax.set_title(f"{title} - top-1 {accuracy:.1%} on {matrix.sum()} images", fontsize=11)
+    fig.savefig(path)
+    return path
+
+
+def _draw(name: str, ax, history: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """One dashboard panel. Per-step LR/momentum curves are used when recorded, else per-epoch points."""
+    def series(key, label, scale=1.0, axis=ax, **style):
+        if key in history and history[key].notna().any():
+            data = history[["epoch", key]].dropna()
+            axis.plot(data["epoch"], data[key] * scale, marker="o", markersize=3, label=label, **style)
+
+    if name == "loss":
+        series("train_loss", "train")
+        series("val_loss", "val")
+        ax.set_ylabel("loss")
+    elif name == "accuracy":
+        series("train_top1", "train top-1", 100)
+        series("val_top1", "val top-1", 100)
+        series("val_top5", "val top-5", 100, linestyle="--")
+        ax.set_ylabel("accuracy (%)")
+    elif name in ("lr", "momentum"):
+        if name in steps and steps[name].notna().any():
+            ax.plot(steps["epoch"], steps[name], label=f"{name} (per step)")
+        else:
+            series(name, f"{name} (end of epoch)")
+        ax.set_ylabel("learning rate" if name == "lr" else "momentum")
+    elif name == "throughput":
+        series("images_per_second", "images/s", color="tab:blue")
+        ax.set_ylabel("images per second")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.15)
+        twin = ax.twinx()
+        series("data_wait_pct", "data wait %", axis=twin, color="tab:red", linestyle="--")
+        twin.set_ylabel("data wait (% of epoch)")
+        twin.set_ylim(0, 100)
+        _joint_legend(ax, twin)
+    elif name == "resolution":
+        series("resolution", "resolution (px)", color="tab:purple")
+        ax.set_ylabel("train resolution (px)")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low - 32, high + 32)
+        twin = ax.twinx()
+        series("batch_size", "batch size", axis=twin, color="tab:gray", linestyle="--")
+        twin.set_ylabel("batch size")
+        twin.set_ylim(0, max(twin.get_ylim()[1], 1) * 1.25)
+        _joint_legend(ax, twin)
+    ax.set_title(name if name != "lr" else "learning rate")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if not ax.get_legend_handles_labels()[0] and not ax.get_legend():
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.5")
+    elif name not in ("throughput", "resolution"):
+        ax.legend(fontsize=8)
+
+
+def _joint_legend(ax, twin) -> None:
+    """One legend for two y axes, drawn on the upper one so lines never hide it."""
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    if handles:
+        twin.legend(handles=handles, fontsize=8, loc="center left")
+
+
+def _epoch_line(row: dict) -> str:
+    """One compact console line per epoch; missing values are left out."""
+    def fmt(key, pattern):
+        value = row.get(key)
+        return pattern.format(value) if isinstance(value, float) and math.isfinite(value) else None
+
+    parts = [f"epoch {row['epoch']:.0f}",
+             " ".join(filter(None, ["train", fmt("train_loss", "loss {:.4f}"), fmt("train_top1", "top-1 {:.1%}")])),
+             " ".join(filter(None, ["val", fmt("val_loss", "loss {:.4f}"), fmt("val_top1", "top-1 {:.1%}"),
+                                    fmt("val_top5", "top-5 {:.1%}")])),
+             fmt("lr", "lr {:.3g}"), fmt("momentum", "mom {:.3f}"), fmt("resolution", "{:.0f}px"),
+             fmt("batch_size", "batch {:.0f}"), fmt("images_per_second", "{:,.0f} img/s"),
+             fmt("epoch_time_s", "{:.1f} s"), fmt("data_wait_pct", "data wait {:.1f}%")]
+    return " | ".join(p for p in parts if p and p not in ("train", "val"))
+
+
+def _markdown_cell(value, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else ""
+
+
+def environment() -> dict:
+    """Versions and hardware, for summary.json and benchmark reports."""
+    import torch
+
+    def version(package: str):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
+            "ffcv": version("ffcv"), "dali": version("nvidia-dali-cuda130"), "numpy": np.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "gpu_count": torch.cuda.device_count() if cuda else 0,
+            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _number(value):
+    """Tensors and NumPy scalars to plain numbers (so CSV, JSON and TensorBoard all take them)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN
+    return value
+
+
+def _replace_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,221 @@
+"""The benchmark suite end to end on tiny data: reports are well formed, compare catches regressions,
+autotune stays inside its budget and writes settings the trainer and the loaders accept."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.compare import compare_rows
+from benchmarks.resources import ResourceSampler
+from benchmarks.search import Budget, successive_halving
+
+REQUIRED_COLUMNS = {"backend", "split", "res", "workers", "batch_size", "img_per_s", "img_per_s_min",
+                    "img_per_s_max", "peak_rss_mb", "cpu_util_pct", "ratio_to_torch"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench_betons(tmp_path_factory):
+    from data_helpers import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("bench"), train=32, val=8)
+
+
+class FakeClock:
+    """Time that moves only when a trial says so, so budget logic is tested without sleeping."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_successive_halving_finds_the_best_without_a_full_grid():
+    calls = []
+
+    def score(candidate, units):
+        calls.append((candidate, units))
+        return -(candidate - 5) ** 2
+
+    result = successive_halving(list(range(1, 9)), score, Budget(1e9), min_units=2)
+    assert result.best == 5 and result.complete
+    assert len(calls) < 8 * 3   # a full grid over the same rungs would measure every candidate each time
+    assert [units for candidate, units in calls if candidate == 5] == [2, 4, 8, 16]
+    assert {candidate for candidate, units in calls if units == 4} == {3, 4, 5, 6}
+
+
+def test_successive_halving_stops_before_a_trial_that_would_overrun_the_budget():
+    clock = FakeClock()
+
+    def slow(candidate, units):
+        clock.now += 3.0
+        return float(candidate)
+
+    result = successive_halving([1, 2, 3, 4, 5], slow, Budget(10.0, clock), min_units=1)
+    assert not result.complete and "budget" in result.reason
+    assert clock.now <= 10.0
+    assert len(result.trials) == 3 and result.best == 3   # the best of what was measured
+
+
+def test_a_failing_candidate_is_dropped_with_its_error():
+    def fragile(candidate, units):
+        if candidate == 64:
+            raise RuntimeError("CUDA out of memory")
+        return float(candidate)
+
+    result = successive_halving([16, 32, 64], fragile, Budget(1e9))
+    assert result.best == 32
+    assert any("out of memory" in trial.note for trial in result.trials if trial.candidate == 64)
+
+
+def test_resource_sampler_counts_child_process_memory():
+    child_code = "import time; block = bytearray(300 * 2**20); time.sleep(1.0)"
+    with ResourceSampler(interval_s=0.02) as alone:
+        pass
+    with ResourceSampler(interval_s=0.02) as usage:
+        subprocess.run([sys.executable, "-c", child_code], check=True)
+    assert usage.peak_rss_mb > alone.peak_rss_mb + 250
+
+
+def rows(rates: dict[tuple, float]) -> list[dict]:
+    return [{"backend": backend, "split": "train", "res": res, "workers": 2, "batch_size": 64,
+             "img_per_s": rate} for (backend, res), rate in rates.items()]
+
+
+def write_results(path, rates):
+    path.write_text(json.dumps({"machine": {"cpu_model": "test"}, "results": rows(rates)}))
+    return str(path)
+
+
+def test_compare_flags_a_planted_regression_and_fails_only_with_the_flag(tmp_path, capsys):
+    before = {("ffcv", 160): 2000.0, ("torch", 160): 1000.0, ("dali", 160): 1500.0}
+    after = {("ffcv", 160): 1600.0, ("torch", 160): 1010.0, ("dali", 160): 1800.0}
+    a, b = write_results(tmp_path / "a.json", before), write_results(tmp_path / "b.json", after)
+    status = {entry["backend"]: entry["status"] for entry in compare_rows(rows(before), rows(after))}
+    assert status == {"ffcv": "regression", "torch": "same", "dali": "gain"}
+    assert main(["compare", a, b]) == 0
+    assert main(["compare", a, b, "--fail-on-regression"]) == 1
+    assert "regression" in capsys.readouterr().out
+    assert main(["compare", a, a, "--fail-on-regression"]) == 0
+    # A looser threshold turns the 20% drop into noise.
+    assert main(["compare", a, b, "--fail-on-regression", "--threshold", "0.25"]) == 0
+
+
+def test_compare_lists_rows_missing_from_one_side():
+    compared = compare_rows(rows({("ffcv", 160): 1.0}), rows({("ffcv", 192): 1.0}))
+    assert [entry["status"] for entry in compared] == ["only in A", "only in B"]
+
+
+def test_compare_rejects_a_file_that_is_not_a_report(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="results"):
+        main(["compare", str(bad), str(bad)])
+
+
+def test_loaders_cli_writes_a_complete_report(bench_betons, tmp_path):
+    out = tmp_path / "report"
+    code = main(["loaders", "--data", str(bench_betons), "--backends", "ffcv,dali,nosuch", "--res", "32",
+                 "--workers", "1", "--batch-size", "8", "--epochs", "2", "--out", str(out),
+                 "--json", str(tmp_path / "copy.json")])
+    assert code == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload == json.loads((tmp_path / "copy.json").read_text())
+    assert {"cpu_model", "cores_logical", "gpu", "versions"} <= payload["machine"].keys()
+    assert {"torch", "ffcv", "dali"} <= payload["machine"]["versions"].keys()
+    by_backend = {row["backend"]: row for row in payload["results"]}
+    assert "torch" in by_backend and "ffcv" in by_backend   # the baseline is added when not asked for
+    assert any("nosuch" in note and "skipped" in note for note in payload["notes"])
+    for row in payload["results"]:
+        assert REQUIRED_COLUMNS <= row.keys()
+        assert row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"]
+        assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["images_per_epoch"] == 32   # drop_last: 4 full batches of 8
+    assert by_backend["torch"]["ratio_to_torch"] == 1.0
+    ffcv = by_backend["ffcv"]
+    assert ffcv["ratio_to_torch"] == pytest.approx(ffcv["img_per_s"] / by_backend["torch"]["img_per_s"], rel=1e-2)
+
+    with open(out / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(payload["results"]) and REQUIRED_COLUMNS <= table[0].keys()
+    markdown = (out / "results.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(markdown) if line.startswith("| backend"))
+    assert len([line for line in markdown[header + 2:] if line.startswith("|")]) == len(payload["results"])
+    for name in ("img_per_s_vs_workers.png", "img_per_s_vs_resolution.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_loaders_cli_rejects_a_folder_without_betons(tmp_path):
+    with pytest.raises(SystemExit, match="convert"):
+        main(["loaders", "--data", str(tmp_path), "--out", str(tmp_path / "report")])
+
+
+def write_config(path, betons, backend="torch"):
+    path.write_text(f"""
+[data]
+path = "{betons}"
+backend = "{backend}"
+workers = 1
+batch_size = 8
+
+[resolution]
+start = 32
+end = 32
+ramp_start = 0
+ramp_end = 0
+val = 32
+
+[model]
+arch = "resnet18"
+blurpool = false
+
+[schedule]
+epochs = 1
+""")
+    return path
+
+
+def test_autotune_stays_in_budget_and_writes_settings_that_run(bench_betons, tmp_path):
+    import torch
+
+    from fastpipe.config import load_config
+    from fastpipe.data import build_loader
+
+    config_path = write_config(tmp_path / "tiny.toml", bench_betons)
+    tuned_path = tmp_path / "autotune.toml"
+    budget = 8.0
+    code = main(["autotune", "--config", str(config_path), "--budget-s", str(budget), "--out", str(tuned_path),
+                 "--device", "cpu", "--min-batch-size", "4", "--max-batch-size", "16"])
+    assert code == 0
+    report = json.loads(tuned_path.with_suffix(".json").read_text())
+    assert report["trials"], "autotune measured nothing"
+    assert all(trial["started_s"] < budget for trial in report["trials"])
+    assert {"loader", "batch"} & {trial["phase"] for trial in report["trials"]}
+    assert tomllib.loads(tuned_path.read_text())["data"].keys() >= {"workers", "batch_size"}
+
+    config = load_config(config_path, tune=tuned_path)
+    assert config.data.workers in (1, 2) and config.data.batch_size in (4, 8, 16)
+    loader = build_loader(backend=config.data.backend, data=config.data.path, batch_size=config.data.batch_size,
+                          resolution=32, workers=config.data.workers, **config.data.options)
+    images, labels = next(iter(loader))
+    assert images.shape == (config.data.batch_size, 3, 32, 32) and labels.dtype == torch.int64
+
+
+def test_train_step_reports_the_data_stall_ratio(bench_betons, tmp_path):
+    config_path = write_config(tmp_path / "tiny.toml", bench_betons)
+    out = tmp_path / "train-step"
+    assert main(["train-step", "--config", str(config_path), "--steps", "2", "--backends", "torch",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    feeds = {row["backend"]: row for row in payload["results"]}
+    assert feeds.keys() == {"synthetic", "torch"}
+    assert feeds["synthetic"]["ratio_to_synthetic"] == 1.0
+    assert feeds["torch"]["ratio_to_synthetic"] == pytest.approx(
+        feeds["torch"]["img_per_s"] / feeds["synthetic"]["img_per_s"], rel=1e-2)

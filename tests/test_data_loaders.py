@@ -1,0 +1,179 @@
+"""Behaviour every loader backend (ffcv, dali, torch) must share, on tiny generated data sets."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import write_dataset
+from fastpipe.data import build_loader
+from fastpipe.data.beton import BetonSamples, read_manifest
+from fastpipe.data.device import IMAGENET_MEAN, IMAGENET_STD, denormalize
+
+BACKENDS = ["ffcv", "dali", "torch"]
+TRAIN, VAL, BATCH, RES = 24, 18, 8, 32
+KEEP_ALIVE = []
+
+
+def make_loader(backend, *args, **kwargs):
+    loader = build_loader(backend, *args, **kwargs)
+    # numba (0.68) can raise a KeyError in the finaliser of FFCV's compiled functions when a loader
+    # is freed mid-session (ignored by Python, reported by pytest); keeping them avoids the noise.
+    KEEP_ALIVE.append(loader)
+    return loader
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("loaders"), train=TRAIN, val=VAL, write_mode="jpg")
+
+
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory):
+    """Betons storing about half the images as raw pixels (write mode 'proportion')."""
+    return write_dataset(tmp_path_factory.mktemp("mixed"), train=6, val=12, write_mode="proportion")
+
+
+@pytest.fixture(scope="module")
+def val_loaders(data_dir):
+    return {name: make_loader(name, data_dir, "val", batch_size=BATCH, resolution=RES, workers=2,
+                               shuffle=False, drop_last=False, normalize=False) for name in BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def train_loaders(data_dir):
+    return {name: make_loader(name, data_dir, "train", batch_size=BATCH, resolution=RES, workers=2,
+                               shuffle=True, drop_last=True, normalize=True, seed=7) for name in BACKENDS}
+
+
+def run_epoch(loader, epoch=None):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    batches = [(images.clone(), labels.clone()) for images, labels in loader]
+    return [b[0] for b in batches], [b[1] for b in batches]
+
+
+def sample_ids(images: torch.Tensor, offset: int = 0) -> list[int]:
+    """Recover each image's sample index from its red channel (6 * index, see data_helpers)."""
+    pixels = images.float() if images.dtype == torch.uint8 else denormalize(images)
+    red = pixels[:, 0].flatten(1).median(dim=1).values
+    return [int(v) - offset for v in torch.round(red / 6)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_epoch_yields_every_sample_once_in_manifest_order(val_loaders, data_dir, backend):
+    loader = val_loaders[backend]
+    images, labels = run_epoch(loader)
+    assert len(loader) == len(images) == 3   # 18 samples, batch 8, last batch kept
+    assert [len(b) for b in labels] == [8, 8, 2]
+    batch = images[0]
+    assert batch.shape == (BATCH, 3, RES, RES) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    all_images, all_labels = torch.cat(images), torch.cat(labels)
+    assert all_labels.dtype == torch.int64
+    expected = [label for _, label in read_manifest(data_dir)["splits"]["val"]["samples"]]
+    assert all_labels.tolist() == expected
+    assert sample_ids(all_images, offset=TRAIN) == list(range(VAL))
+    assert loader.num_samples == VAL and loader.backend == backend and len(loader.classes) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_batches_are_normalised_float_channels_last(train_loaders, backend):
+    loader = train_loaders[backend]
+    images, labels = run_epoch(loader, epoch=0)
+    assert len(loader) == len(images) == TRAIN // BATCH
+    for batch, batch_labels in zip(images, labels):
+        assert batch.shape == (BATCH, 3, RES, RES) and batch.dtype == torch.float32
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        assert batch_labels.shape == (BATCH,) and batch_labels.dtype == torch.int64
+    low = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    stacked = torch.cat(images)
+    assert low - 1e-4 <= stacked.min() and stacked.max() <= high + 1e-4
+    assert stacked.std() > 0.1   # not a constant batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_order_repeats_for_an_epoch_and_changes_with_the_next(train_loaders, backend):
+    loader = train_loaders[backend]
+    first = sample_ids(torch.cat(run_epoch(loader, epoch=3)[0]))
+    again = sample_ids(torch.cat(run_epoch(loader, epoch=3)[0]))
+    other = sample_ids(torch.cat(run_epoch(loader, epoch=4)[0]))
+    assert sorted(first) == list(range(TRAIN))   # 24 = 3 full batches: a whole permutation
+    assert first == again
+    assert other != first and sorted(other) == list(range(TRAIN))
+
+
+def test_backends_read_the_same_train_order_for_the_same_seed_and_epoch(train_loaders):
+    orders = {name: torch.cat(run_epoch(loader, epoch=5)[1]).tolist() for name, loader in train_loaders.items()}
+    assert orders["ffcv"] == orders["dali"] == orders["torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resolution_and_batch_size_change_from_the_next_epoch(val_loaders, backend):
+    loader = val_loaders[backend]
+    try:
+        loader.set_resolution(48)
+        loader.set_batch_size(5)
+        images, labels = run_epoch(loader)
+        assert [tuple(b.shape) for b in images] == [(5, 3, 48, 48)] * 3 + [(3, 3, 48, 48)]
+        assert len(loader) == 4
+        assert sample_ids(torch.cat(images), offset=TRAIN) == list(range(VAL))
+    finally:
+        loader.set_resolution(RES)
+        loader.set_batch_size(BATCH)
+    assert run_epoch(loader)[0][0].shape == (BATCH, 3, RES, RES)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_stopping_an_epoch_early_leaves_the_next_one_whole(val_loaders, backend):
+    loader = val_loaders[backend]
+    threads = threading.active_count()
+    for _ in range(3):
+        for _ in zip(range(1), loader):   # take one batch, then abandon the epoch
+            pass
+    images, _ = run_epoch(loader)
+    assert sample_ids(torch.cat(images), offset=TRAIN) == list(range(VAL))
+    assert threading.active_count() <= threads + 1
+
+
+@pytest.mark.parametrize("directory", ["data_dir", "mixed_dir"])
+def test_ffcv_and_dali_decode_the_same_val_pixels(request, directory):
+    data = request.getfixturevalue(directory)
+    outputs = {}
+    for backend in ("ffcv", "dali"):
+        loader = make_loader(backend, data, "val", batch_size=5, resolution=RES, workers=2,
+                              shuffle=False, drop_last=False, normalize=False)
+        images, labels = run_epoch(loader)
+        outputs[backend] = torch.cat(images).float(), torch.cat(labels)
+    (ffcv_images, ffcv_labels), (dali_images, dali_labels) = outputs["ffcv"], outputs["dali"]
+    assert torch.equal(ffcv_labels, dali_labels)
+    difference = (ffcv_images - dali_images).abs()
+    # different resize kernels (OpenCV INTER_AREA vs DALI antialiased linear): close, not equal
+    assert difference.mean() < 3 and difference.amax(dim=(1, 2, 3)).median() < 40
+
+
+def test_raw_pixel_samples_read_back_exactly(mixed_dir):
+    from PIL import Image
+    manifest = read_manifest(mixed_dir)
+    samples = BetonSamples(mixed_dir / "val.beton")
+    raw = [i for i in range(len(samples)) if samples.is_raw(i)]
+    assert raw and len(raw) < len(samples)   # a mixed beton, or this test proves nothing
+    for i in raw:
+        pixels = samples.encoded(i).reshape(samples.height[i], samples.width[i], 3)
+        original = np.asarray(Image.open(manifest["source_root"] + "/" + manifest["splits"]["val"]["samples"][i][0]))
+        assert np.array_equal(pixels, original)
+
+
+def test_beton_samples_agree_with_ffcv_reader(mixed_dir):
+    from ffcv.reader import Reader
+    path = mixed_dir / "val.beton"
+    ours, theirs = BetonSamples(path), Reader(str(path))
+    assert len(ours) == theirs.num_samples
+    assert np.array_equal(ours.labels, theirs.metadata["f1"])
+    assert np.array_equal(ours.mode, theirs.metadata["f0"]["mode"])
+    assert np.array_equal(ours.offset, theirs.metadata["f0"]["data_ptr"].astype(np.int64))
+    sizes = dict(zip(theirs.alloc_table["ptr"].tolist(), theirs.alloc_table["size"].tolist()))
+    assert ours.size.tolist() == [sizes[int(p)] for p in ours.offset]

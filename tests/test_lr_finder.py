@@ -1,0 +1,190 @@
+"""LR range test: exact state restoration, a useful suggestion on a toy problem, stopping, outputs."""
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.image import imread
+
+from fastpipe.lr_finder import find_lr
+
+FEATURES, CLASSES, SAMPLES, BATCH = 16, 4, 1024, 32
+
+
+def blobs(seed: int = 0):
+    """Four overlapping Gaussian blobs: learnable, but not so easy that every LR works."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(CLASSES, FEATURES, generator=gen)
+    labels = torch.randint(0, CLASSES, (SAMPLES,), generator=gen)
+    inputs = centers[labels] + torch.randn(SAMPLES, FEATURES, generator=gen)
+    return inputs, labels
+
+
+def batches_of(inputs, labels):
+    return [(inputs[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, len(inputs), BATCH)]
+
+
+def mlp(seed: int = 0, extras: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(FEATURES, 32)]
+    if extras:  # BN buffers and dropout's RNG use make restoration harder to get right
+        layers += [torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.2)]
+    layers += [torch.nn.ReLU(), torch.nn.Linear(32, CLASSES)]
+    return torch.nn.Sequential(*layers)
+
+
+def train_step(model, optimizer, batch, scaler=None):
+    images, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss
+
+
+def assert_same_tensors(left: dict, right: dict):
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+def rng_fingerprint():
+    return (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+
+
+def test_model_optimizer_scaler_and_rng_are_restored_bitwise():
+    data = batches_of(*blobs())
+    model = mlp(extras=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3)
+    train_step(model, optimizer, data[0], scaler)  # momentum buffers and scaler counters now exist
+    train_step(model, optimizer, data[1], scaler)
+    model[2].eval()  # a mixed train/eval module tree must come back as it was
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+
+    twin_model = copy.deepcopy(model)
+    twin_optimizer = torch.optim.SGD(twin_model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin_scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3)
+    twin_scaler.load_state_dict(scaler.state_dict())
+    before_model = {k: v.clone() for k, v in model.state_dict().items()}
+    before_grads = [p.grad.clone() for p in model.parameters()]
+    before_optimizer = copy.deepcopy(optimizer.state_dict())
+    before_scaler = copy.deepcopy(scaler.state_dict())
+    before_modes = [m.training for m in model.modules()]
+    before_rng = rng_fingerprint()
+
+    result = find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1e-4, end_lr=1.0,
+                     steps=40, scaler=scaler)
+    assert len(result.lrs) > 10  # the sweep really trained, so there was something to undo
+
+    assert_same_tensors(model.state_dict(), before_model)
+    for param, grad in zip(model.parameters(), before_grads):
+        assert torch.equal(param.grad, grad)
+    assert [m.training for m in model.modules()] == before_modes
+    after_optimizer = optimizer.state_dict()
+    assert after_optimizer["param_groups"] == before_optimizer["param_groups"]
+    for key, state in before_optimizer["state"].items():
+        assert_same_tensors(after_optimizer["state"][key], state)
+    assert scaler.state_dict() == before_scaler
+    after_rng = rng_fingerprint()
+    assert after_rng[0] == before_rng[0]
+    assert np.array_equal(after_rng[1], before_rng[1])
+    assert torch.equal(after_rng[2], before_rng[2])
+
+    # The strongest check: training continues exactly as if the sweep never happened.
+    model.train(), twin_model.train()
+    for net, opt, scl in ((model, optimizer, scaler), (twin_model, twin_optimizer, twin_scaler)):
+        torch.manual_seed(5)  # same dropout masks for both
+        for batch in data[2:5]:
+            train_step(net, opt, batch, scl)
+    assert_same_tensors(model.state_dict(), twin_model.state_dict())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_suggestion_lies_in_the_range_where_training_works(momentum):
+    inputs, labels = blobs()
+    data = batches_of(inputs, labels)
+
+    def final_loss(lr: float) -> float:
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        for _ in range(2):
+            for batch in data:
+                train_step(model, optimizer, batch)
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(model(inputs), labels).item()
+        return loss if np.isfinite(loss) else np.inf
+
+    grid = np.logspace(-4, 1, 16)
+    losses = np.array([final_loss(lr) for lr in grid])
+    good = grid[losses <= 5 * losses.min()]  # within 5x of the best loss a grid LR reached
+    assert good.min() > grid[0] and good.max() < grid[-1]  # the toy problem has a real good range
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    result = find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1e-4, end_lr=10,
+                     steps=100)
+    assert good.min() <= result.suggestion <= good.max(), (result.suggestions(), good)
+    assert result.stopped_early and "exceeded 4x" in result.reason  # large LRs blow this problem up
+    assert len(result.lrs) < 100
+    assert result.lrs == sorted(result.lrs) and result.lrs[0] == pytest.approx(1e-4)
+    for lr in (result.min_loss_div10, result.valley):
+        assert result.lrs[0] <= lr <= result.lrs[-1]
+
+
+def test_non_finite_loss_stops_the_sweep_and_still_restores():
+    data = batches_of(*blobs())
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def criterion(logits, labels):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    result = find_lr(model, optimizer, criterion, data, steps=50)
+    assert result.stopped_early
+    assert "nan" in result.reason
+    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
+    assert_same_tensors(model.state_dict(), before)
+
+
+def test_short_loader_is_cycled_and_empty_loader_is_an_error():
+    data = batches_of(*blobs())[:3]
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1e-5, end_lr=1e-3,
+                     steps=20)
+    assert len(result.lrs) == 20 and not result.stopped_early
+    with pytest.raises(ValueError, match="no batches"):
+        find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), iter([]), steps=5)
+    with pytest.raises(ValueError, match="start_lr"):
+        find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1.0, end_lr=0.1)
+
+
+def test_writes_csv_and_png_with_the_sweep(tmp_path):
+    data = batches_of(*blobs())
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    result = find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1e-4, end_lr=10,
+                     steps=60, out_dir=tmp_path / "finder")
+    assert result.csv_path == tmp_path / "finder" / "lr_finder.csv"
+    table = pd.read_csv(result.csv_path)
+    assert list(table.columns) == ["step", "lr", "loss", "smoothed_loss"]
+    assert len(table) == len(result.lrs)
+    np.testing.assert_allclose(table["lr"], result.lrs)
+    np.testing.assert_allclose(table["smoothed_loss"], result.smoothed)
+    image = imread(result.png_path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
