@@ -19,7 +19,9 @@ CONVERTER = "benchmarks.converter"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure fastpipe's data path: loader throughput, tuning, reports, training-step stalls.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, text) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=text, description=text)

@@ -217,6 +217,30 @@ def trial_rows(phases: list[PhaseResult]) -> list[dict]:
     return rows
 
 
+def summary_rows(phases: list[PhaseResult], config) -> list[dict]:
+    """Per resolution: the winning loader setting and batch size with their img/s."""
+    rows: dict[int, dict] = {}
+    for phase in phases:
+        if phase.phase not in ("loader", "batch"):
+            continue
+        row = rows.setdefault(phase.res, {"backend": config.data.backend, "split": "train", "res": phase.res,
+                                          "workers": None, "batch_size": None})
+        best = phase.search.best
+        if phase.phase == "loader":
+            setting = dict(best or ())
+            row["workers"] = setting.pop("workers", None)
+            row["options"] = setting
+            row["img_per_s"] = phase.search.best_score
+        else:
+            row["batch_size"] = best
+            row["train_img_per_s"] = phase.search.best_score
+    return list(rows.values())
+
+
+SUMMARY_COLUMNS = {"res": "res", "backend": "backend", "workers": "workers", "options": "options",
+                   "img_per_s": "loader img/s", "batch_size": "batch", "train_img_per_s": "train img/s"}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="trainer config (TOML)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget in seconds")
@@ -262,10 +286,13 @@ def run(args) -> int:
     for res in resolutions:
         console.print(f"[bold]{res}px[/bold]: loader settings ({config.data.backend}) ...")
         share = budget.share(pending)
+        # Trials at the last resolution tell what a first trial at this one costs.
+        earlier = [trial.seconds for phase in phases if phase.phase == "loader" for trial in phase.search.trials
+                   if trial.rung == 0]
         search = successive_halving(
             candidates,
             lambda setting, units, res=res: loader_rate(config, res, setting, units, device), share,
-            min_units=4)
+            min_units=4, first_estimate=min(earlier, default=0.0))
         phases.append(PhaseResult("loader", res, search, offset_s=share.start - budget.start))
         pending -= 1
         if args.skip_batch:
@@ -285,13 +312,14 @@ def run(args) -> int:
               *(f"partial: {line}" for line in incomplete)]
     out = Path(args.out)
     write_tune_file(out, values, header)
-    rows = trial_rows(phases)
+    rows, summary = trial_rows(phases), summary_rows(phases, config)
     out.with_suffix(".json").write_text(json.dumps(
         {"benchmark": "autotune", "machine": machine_info(), "settings": vars(args) | {"device": device},
          "elapsed_s": round(budget.elapsed, 2), "tuned": values, "trials": rows,
-         "results": [], "notes": incomplete}, indent=2, default=str) + "\n")
+         "results": summary, "notes": incomplete}, indent=2, default=str) + "\n")
     print_table(rows, TRIAL_COLUMNS, title=f"autotune trials ({budget.elapsed:.1f} s of {args.budget_s:g} s)",
                 console=console)
+    print_table(summary, SUMMARY_COLUMNS, title="best per resolution", console=console)
     for line in incomplete:
         console.print(f"[yellow]partial: {line}[/yellow]")
     console.print(f"tuned: {json.dumps(values)}")

@@ -21,6 +21,15 @@ from benchmarks.report import TABLE_COLUMNS, print_table, write_report
 from benchmarks.resources import ResourceSampler
 
 BASELINE = "torch"
+LEGEND = [
+    "img/s: median over the timed epochs (a warm-up epoch is excluded); min and max over the same epochs",
+    "x torch: img/s over the torch baseline's at the same resolution, workers and batch size",
+    ("peak RSS MB: highest resident memory summed over the process and its children, sampled every 50 ms "
+     "(pages shared by forked workers count once per process)"),
+    ("PSS MB: proportional set size of the same tree at the end of the fullest timed epoch "
+     "(shared pages split between processes)"),
+    "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
+]
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         for epoch in range(warmup):
             loader.set_epoch(epoch)
             warmup_s += time_epoch(loader, device, max_batches, advance)[1]
-        rates, rss_after_epoch = [], []
+        rates, rss_after_epoch, pss_after_epoch = [], [], []
         images = 0
         for epoch in range(warmup, warmup + epochs):
             loader.set_epoch(epoch)
@@ -154,6 +163,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
             rates.append(images / seconds)
             usage.sample()
             rss_after_epoch.append(usage.current_rss_bytes)
+            pss_after_epoch.append(usage.tree_pss_bytes())
         del loader
         gc.collect()
     if task is not None:
@@ -166,6 +176,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "img_per_s": round(statistics.median(rates), 1), "img_per_s_min": round(min(rates), 1),
         "img_per_s_max": round(max(rates), 1),
         "ratio_to_torch": None, "peak_rss_mb": round(usage.peak_rss_mb, 1),
+        "pss_mb": round(max(pss_after_epoch) / 2**20, 1) if None not in pss_after_epoch else None,
         "cpu_util_pct": round(usage.cpu_util_pct, 1),
         "rss_growth_pct": None if growth is None else round(growth, 2),
         "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
@@ -265,6 +276,7 @@ def run(args) -> int:
         "settings": {"data": str(Path(args.data).resolve()), "split": args.split, "epochs": args.epochs,
                      "warmup": args.warmup, "device": device, "backends": backends},
         "results": rows,
+        "legend": LEGEND,
         "notes": notes,
     }
     written = write_report(args.out, payload, "Loader throughput")

@@ -19,7 +19,7 @@ from benchmarks.machine import describe
 TABLE_COLUMNS = {
     "backend": "backend", "split": "split", "res": "res", "workers": "workers", "batch_size": "batch",
     "img_per_s": "img/s", "img_per_s_min": "min", "img_per_s_max": "max", "ratio_to_torch": "x torch",
-    "peak_rss_mb": "peak RSS MB", "cpu_util_pct": "CPU %", "device": "device",
+    "peak_rss_mb": "peak RSS MB", "pss_mb": "PSS MB", "cpu_util_pct": "CPU %", "device": "device",
 }
 
 
@@ -74,6 +74,8 @@ def write_markdown(path: Path, payload: dict, title: str, columns: dict[str, str
     if settings:
         parts += ["Settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()), ""]
     parts += [markdown_table(rows, columns) if rows else "No results.", ""]
+    if payload.get("legend"):
+        parts += ["Columns:", "", *(f"- {line}" for line in payload["legend"]), ""]
     if payload.get("notes"):
         parts += ["Notes:", "", *(f"- {note}" for note in payload["notes"]), ""]
     path.write_text("\n".join(parts))

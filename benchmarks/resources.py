@@ -55,6 +55,19 @@ class ResourceSampler:
         self.current_rss_bytes = rss
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
 
+    def tree_pss_bytes(self) -> int | None:
+        """Proportional set size of the tree: shared pages (forked workers) counted once, not per process.
+
+        Too slow to sample continuously (~10-25 ms per process), so callers take it at epoch ends.
+        """
+        total = 0
+        for proc in self._tree():
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):   # no PSS outside Linux
+                return None
+        return total
+
     def _cpu_total(self) -> float:
         return sum(self._cpu_seen.values())
 

@@ -7,7 +7,6 @@ stops (keeping what it has) when the budget would be exceeded: a full grid is ne
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -59,12 +58,14 @@ class SearchResult:
 
 def successive_halving(candidates: list[Hashable], evaluate: Callable[[Hashable, int], float],
                        budget: Budget, min_units: int = 2, eta: int = 2, max_units: int | None = None,
-                       prefer: Callable[[Hashable], float] | None = None) -> SearchResult:
+                       prefer: Callable[[Hashable], float] | None = None,
+                       first_estimate: float = 0.0) -> SearchResult:
     """Find the candidate with the highest `evaluate(candidate, units)` score.
 
     `units` is the measurement length (batches or steps), `min_units` on the first rung and times
     `eta` on each later one. A candidate whose evaluation raises is dropped with the error as its note.
     `prefer` breaks near-ties (scores within 2%): the candidate with the larger `prefer` value wins.
+    `first_estimate` is the expected cost of the first trial (e.g. from an earlier, similar search).
     """
     if not candidates:
         raise ValueError("successive halving needs at least one candidate")
@@ -73,13 +74,13 @@ def successive_halving(candidates: list[Hashable], evaluate: Callable[[Hashable,
     result = SearchResult(best=None, best_score=None)
     survivors = list(dict.fromkeys(candidates))
     units, rung = min_units, 0
-    previous = 0.0   # typical trial of the previous rung, scaled to this rung's length
+    previous = first_estimate   # slowest trial of the previous rung, scaled to this rung's length
     while survivors:
         scored: list[tuple[float, Hashable]] = []
         durations: list[float] = []
         for candidate in survivors:
-            # The median, not the maximum: a first trial often carries one-off costs (JIT compiles).
-            estimate = statistics.median(durations) if durations else previous
+            # The slowest trial so far: overestimating stops early, underestimating overruns the budget.
+            estimate = max(durations, default=previous)
             if not budget.allows(estimate):
                 result.complete = False
                 result.reason = (f"time budget reached after {budget.elapsed:.1f} s "
@@ -104,7 +105,7 @@ def successive_halving(candidates: list[Hashable], evaluate: Callable[[Hashable,
         survivors = [candidate for _, candidate in sorted(scored, key=lambda item: -item[0])[:keep]]
         if max_units is not None and units * eta > max_units:
             break
-        previous = statistics.median(durations) * eta
+        previous = max(durations, default=0.0) * eta
         units *= eta
         rung += 1
     if result.best is None and not result.reason:

@@ -80,11 +80,13 @@ def _open(path: Path) -> Image.Image:
         raise BadImage(f"truncated or unreadable {fmt} header ({err})") from err
 
 
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     width, height = image.size
-    if image.getexif().get(EXIF_ORIENTATION) in SWAPS_AXES:
-        return height, width
-    return width, height
+    return (height, width) if _orientation(image) in SWAPS_AXES else (width, height)
 
 
 def _check_size(width: int, height: int, max_resolution: int | None, min_side: int) -> tuple[int, int]:
@@ -110,7 +112,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if mode in ("P", "PA") and ("transparency" in image.info or mode == "PA"):
         image = image.convert("RGBA")
     try:
-        array = np.asarray(image.convert("RGB"))
+        array = np.asarray(image if mode == "RGB" else image.convert("RGB"))
     except (ValueError, OSError) as err:
         raise BadImage(f"cannot convert mode {mode} to RGB ({err})") from err
     return np.ascontiguousarray(array, dtype=np.uint8)
@@ -155,7 +157,9 @@ def load_image(path: str | Path, max_resolution: int | None, min_side: int = 1) 
             fmt = image.format
             try:
                 image.load()
-                array = _to_rgb_array(ImageOps.exif_transpose(image))
+                if _orientation(image) != 1:
+                    image = ImageOps.exif_transpose(image)
+                array = _to_rgb_array(image)
             except BadImage:
                 raise
             except Exception as err:

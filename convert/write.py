@@ -109,6 +109,15 @@ class CleanImages:
         return image, label
 
 
+def warm_ffcv() -> None:
+    """Compile FFCV's numba-typed mode table once here: each forked writer worker would otherwise
+    compile it again (about 1 s per worker per beton)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    for mode in ("jpg", "raw"):
+        IMAGE_MODES[mode]
+
+
 def _writer_main(todo, events, progress, failures, failure_message, workers: int) -> None:
     die_with_parent()
     try:
@@ -127,6 +136,7 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
             die_with_parent()
             worker_job(*args)
         ffcv.writer.worker_job_indexed_dataset = mortal_worker_job
+        warm_ffcv()
         events.put(("ready", None))
         while (job := todo.get()) is not None:
             settings = job.settings

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "data/imagenet-mini/betons"
+    path: str = "data/betons/imagenet-mini"   # where `python -m convert imagenet-mini` writes
     backend: Literal["ffcv", "dali", "torch"] = "ffcv"
     workers: int = 8
     batch_size: int = 256                # per process; the LR in [optim] is for this batch size

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class EvalResult:
 
 
 def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | None = None,
-             autocast: Callable[[], ContextManager] = nullcontext, flip_tta: bool = False,
+             autocast: Callable[[], AbstractContextManager] = nullcontext, flip_tta: bool = False,
              classes: list[str] | None = None) -> EvalResult:
     """Run `model` in eval mode over `loader` ((images NCHW, labels) batches) without gradients.
 
@@ -95,3 +95,93 @@ def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray) -> list
         return None
     labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
     return [path for path, _ in samples] if np.array_equal(labels, targets) else None
+
+
+def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] = (),
+                 out_dir: Path | None = None) -> dict:
+    """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
+    write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
+    from fastpipe.checkpoint import CheckpointError, load_checkpoint
+    from fastpipe.config import ConfigError, load_config
+    from fastpipe.data import build_loader
+    from fastpipe.data.beton import write_json_atomic
+    from fastpipe.model import build_model
+    from fastpipe.report import environment, eval_summary
+    from fastpipe.train import resolve_device, resolve_precision
+
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")
+    config = load_config(run_dir / "config.toml", list(overrides))
+    path = run_dir / f"{checkpoint}.pt" if checkpoint in ("best", "last") else Path(checkpoint)
+    state = load_checkpoint(path)
+    classes = list(state.get("classes") or [])
+    if not classes:
+        raise CheckpointError(f"{path} holds no class names; it was not written by fastpipe.train.")
+
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.amp, device)
+    model = build_model(config.model.arch, len(classes), blurpool=config.model.blurpool)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.blurpool="
+                              f"{config.model.blurpool}: {str(err).splitlines()[0]}") from err
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+
+    data = config.data
+    loader = build_loader(backend=data.backend, data=data.path, split="val",
+                          batch_size=data.val_batch_size or data.batch_size, resolution=config.resolution.val,
+                          workers=data.workers, device=device, shuffle=False, drop_last=False,
+                          dtype=precision.dtype, seed=config.train.seed, **data.options)
+    if list(loader.classes) != classes:
+        raise CheckpointError(f"{path} was trained on other classes than {data.path} holds; point "
+                              f"--data.path at the data set the run used.")
+    result = evaluate(model, loader, criterion=F.cross_entropy, autocast=precision.autocast,
+                      flip_tta=config.eval.flip_tta, classes=classes)
+    sample_ids = manifest_sample_ids(loader.manifest, "val", result.targets)
+
+    out_dir = out_dir or run_dir / f"eval-{path.stem}"
+    files = write_class_report(out_dir, result, classes, sample_ids)
+    summary = {"checkpoint": str(path), "epoch": int(state["epoch"]) + 1, **eval_summary(result, classes),
+               "backend": data.backend, "resolution": config.resolution.val, "flip_tta": config.eval.flip_tta,
+               "precision": precision.name, "files": {k: str(v) for k, v in files.items()},
+               "environment": environment()}
+    write_json_atomic(out_dir / "eval.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastpipe.checkpoint import CheckpointError
+    from fastpipe.config import ConfigError
+    from fastpipe.data.beton import BetonError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpipe.evaluate",
+        description="Re-evaluate a training run's checkpoint on the val split and write the full report. "
+                    "Any config key can be set as --section.key=value.",
+        epilog="example: python -m fastpipe.evaluate runs/r18 --checkpoint last --backend torch --eval.flip_tta=true")
+    parser.add_argument("run_dir", type=Path, help="a run directory written by `python -m fastpipe.train`")
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a path to a .pt file (default: best)")
+    parser.add_argument("--backend", help="loader backend (ffcv, dali, torch); default: the run's")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/eval-<checkpoint>)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.backend:
+        overrides.append(f"--data.backend={args.backend}")
+    try:
+        summary = evaluate_run(args.run_dir, args.checkpoint, overrides, args.out)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (BetonError, CheckpointError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{summary['checkpoint']} (epoch {summary['epoch']}): val loss {summary['loss']:.4f}, "
+          f"top-1 {summary['top1']:.2%}, top-{summary['topk']} {summary['top5']:.2%} on {summary['count']} images")
+    print(f"Report: {Path(summary['files']['predictions']).parent} (predictions.csv, per_class.csv, "
+          f"top_confusions.csv, confusion_matrix.png, eval.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,10 +8,10 @@ from __future__ import annotations
 import copy
 import math
 import random
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class LRFinderResult:
 
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
             batches: Iterable, *, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
-            autocast: Callable[[], ContextManager] = nullcontext, scaler: torch.amp.GradScaler | None = None,
+            autocast: Callable[[], AbstractContextManager] = nullcontext, scaler: torch.amp.GradScaler | None = None,
             smoothing: float = 0.98, diverge_factor: float = 4.0,
             out_dir: str | Path | None = None) -> LRFinderResult:
     """Sweep the LR exponentially from `start_lr` to `end_lr` over `steps` optimizer steps.
@@ -50,7 +50,8 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
     when exhausted, so a loader with fewer than `steps` batches is fine. Each step runs under
     `autocast()` and, when given, `scaler` (the same AMP setup as training). The loss is smoothed with a
     bias-corrected EMA (`smoothing`); the sweep stops when the smoothed loss exceeds `diverge_factor`
-    times its minimum or a loss is NaN/Inf. Every parameter group gets the swept LR.
+    times its minimum or a loss is NaN/Inf. Every parameter group gets the swept LR. Under DDP the
+    loss is averaged over ranks first, so all ranks stop together and get the same suggestions.
 
     Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
     numpy, torch CPU and CUDA RNG states are exactly as before. With `out_dir`, writes
@@ -97,7 +98,7 @@ def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autoca
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = criterion(model(images), labels)
-        value = float(loss.detach().float())
+        value = _mean_over_ranks(loss)
         if not math.isfinite(value):
             return lrs, losses, smoothed, True, f"loss became {value} at lr={lr:.3g} (step {step})"
         if scaler is not None:
@@ -114,10 +115,21 @@ def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autoca
         smoothed.append(current)
         best = min(best, current)
         if step > 0 and current > diverge_factor * best:
-            return (lrs, losses, smoothed, True,
-                    f"smoothed loss {current:.4g} exceeded {diverge_factor:g}x its minimum {best:.4g} "
-                    f"at lr={lr:.3g} (step {step})")
+            reason = (f"smoothed loss {current:.4g} exceeded {diverge_factor:g}x its minimum {best:.4g} "
+                      f"at lr={lr:.3g} (step {step})")
+            return lrs, losses, smoothed, True, reason
     return lrs, losses, smoothed, False, f"completed {steps} steps up to lr={end_lr:.3g}"
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> float:
+    """The loss averaged over DDP ranks, so every rank sees one curve and stops at the same step
+    (a rank leaving the sweep early would leave the others hanging in backward's all-reduce)."""
+    value = loss.detach().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value = value / torch.distributed.get_world_size()
+    return float(value)
 
 
 def _cycle(batches: Iterable):
@@ -239,6 +251,6 @@ def plot(result: LRFinderResult, path: Path) -> Path:
     ax.set_ylabel("training loss")
     ax.set_title(f"LR range test - {result.reason}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=9)
+    ax.legend(loc="lower left", fontsize=9)
     fig.savefig(path)
     return path

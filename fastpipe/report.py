@@ -39,14 +39,16 @@ class RunReport:
 
     `log(msg)` prints via rich and appends to train.log; `step(...)` records per-step scalars (for the LR
     and momentum curves); `epoch(metrics)` appends to metrics.csv, TensorBoard and log.md and redraws
-    plots/*.png; `finish(summary, eval_result)` writes summary.json and the class report. With
+    plots/dashboard.png (loss, accuracy, LR, momentum, throughput + data wait, resolution + batch size);
+    `finish(summary, eval_result)` writes summary.json, plots/<panel>.png and the class report. With
     `resume=True` the earlier metrics.csv/steps.csv rows are kept (a re-run epoch replaces its row).
     Use `report.console` for rich progress bars so they share one console with the log.
     """
 
     def __init__(self, run_dir: str | Path, classes: list[str] | None = None, *, tensorboard: bool = True,
-                 enabled: bool = True, resume: bool = False, console: Console | None = None):
-        self.run_dir, self.classes, self.enabled = Path(run_dir), list(classes or []), enabled
+                 enabled: bool = True, resume: bool = False, plots: bool = True,
+                 console: Console | None = None):
+        self.run_dir, self.classes, self.enabled, self.plots = Path(run_dir), list(classes or []), enabled, plots
         self.console = console or Console()
         self.history = pd.DataFrame()
         self.steps: list[dict] = []
@@ -80,6 +82,9 @@ class RunReport:
             return
         row = {"step": step, "epoch": epoch, **{k: float(v) for k, v in scalars.items()}}
         path = self.run_dir / "steps.csv"
+        if self.steps and step <= self.steps[-1]["step"]:  # resumed from an earlier checkpoint: drop the rest
+            self.steps = [r for r in self.steps if r["step"] < step]
+            pd.DataFrame(self.steps, columns=list(row)).to_csv(path, index=False)
         new = not path.is_file()
         with open(path, "a", newline="") as handle:  # one row per call: pandas would rewrite the file
             writer = csv.DictWriter(handle, fieldnames=list(row))
@@ -109,15 +114,16 @@ class RunReport:
         _replace_atomic(self.run_dir / "log.md", self._markdown())
         if self.writer is not None:
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"epoch/{key}"), value, int(row["epoch"]))
             self.writer.flush()
-        self.plot()
+        if self.plots:
+            self.plot()
         if echo:
             self.log(_epoch_line(row))
 
-    def plot(self) -> dict[str, Path]:
-        """Redraw plots/dashboard.png and one PNG per panel from the history so far."""
+    def plot(self, *, panels: bool = False) -> dict[str, Path]:
+        """Redraw plots/dashboard.png (all panels) and, with `panels`, one PNG per panel as well."""
         if not self.enabled or self.history.empty:
             return {}
         steps = pd.DataFrame(self.steps)
@@ -130,7 +136,7 @@ class RunReport:
         fig.suptitle(f"{self.run_dir.name}: epoch {int(self.history['epoch'].iloc[-1])}")
         paths["dashboard"] = self.run_dir / "plots" / "dashboard.png"
         fig.savefig(paths["dashboard"])
-        for name in PLOTS:
+        for name in PLOTS if panels else ():
             fig = Figure(figsize=(7, 4.5), dpi=90)
             fig.subplots_adjust(left=0.12, right=0.88, bottom=0.12, top=0.9)
             _draw(name, fig.add_subplot(), self.history, steps)
@@ -152,7 +158,10 @@ class RunReport:
                                 write_class_report(self.run_dir, eval_result, self.classes, sample_ids).items()}
         payload.update(summary or {})
         payload["environment"] = environment()
-        write_json_atomic(self.run_dir / "summary.json", _jsonable(payload))
+        if self.plots:
+            self.plot(panels=True)  # per-panel PNGs once at the end; the dashboard has them every epoch
+        payload = _jsonable(payload)
+        write_json_atomic(self.run_dir / "summary.json", payload)
         self.close()
         return payload
 
@@ -370,7 +379,7 @@ def _epoch_line(row: dict) -> str:
     """One compact console line per epoch; missing values are left out."""
     def fmt(key, pattern):
         value = row.get(key)
-        return pattern.format(value) if isinstance(value, float) and math.isfinite(value) else None
+        return pattern.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     parts = [f"epoch {row['epoch']:.0f}",
              " ".join(filter(None, ["train", fmt("train_loss", "loss {:.4f}"), fmt("train_top1", "top-1 {:.1%}")])),
@@ -426,7 +435,9 @@ def _number(value):
     """Tensors and NumPy scalars to plain numbers (so CSV, JSON and TensorBoard all take them)."""
     if hasattr(value, "item"):
         value = value.item()
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if value is None:
+        return math.nan
+    return float(value) if isinstance(value, float) else value
 
 
 def _jsonable(value):

@@ -198,7 +198,8 @@ class Trainer:
             self.peak_lr = float(state["peak_lr"])
         else:
             self.peak_lr = self.find_lr() if config.optim.lr == "auto" else float(config.optim.lr)
-        self.scheduler = build_scheduler(self.optimizer, config, self.peak_lr, sum(p.steps for p in self.plans))
+        self.total_steps = sum(p.steps for p in self.plans)
+        self.scheduler = build_scheduler(self.optimizer, config, self.peak_lr, self.total_steps)
         self.lr_scale = 1.0
         if state is not None:
             self.load_state(state)
@@ -273,7 +274,6 @@ class Trainer:
                     loss_sum += loss_value * len(labels)
                     correct += batch_correct
                     seen += len(labels)
-                self.global_step += 1
                 if self.global_step % config.train.log_every == 0 or step == plan.steps - 1:
                     self._log_step(plan, step, loss_value)
                 progress.update(task, advance=1, info=self._progress_info(plan, step, loss_value, epoch_start,
@@ -282,7 +282,8 @@ class Trainer:
                     self.save("last.pt", epoch=plan.epoch, completed=False, step=step + 1)
                     return None
         elapsed = time.perf_counter() - epoch_start
-        return {"epoch": plan.epoch + 1, "train_loss": loss_sum / max(seen, 1),
+        compiled = {} if self.compile_counter is None else {"graphs_compiled": self.compile_counter.graphs}
+        return {**compiled, "epoch": plan.epoch + 1, "train_loss": loss_sum / max(seen, 1),
                 "train_top1": float(correct) / max(seen, 1), "lr": self.current_lr(),
                 "momentum": self.current_momentum(), "resolution": plan.resolution,
                 "batch_size": plan.batch_size,
@@ -311,7 +312,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             skipped = scale is not None and self.scaler.get_scale() < scale
-        self.scheduler.step()   # also on skipped steps: the LR schedule stays tied to the step count
+        self.global_step += 1
+        if self.global_step < self.total_steps:   # also on skipped steps: the LR follows the step count
+            self.scheduler.step()
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         if self.bad_steps >= self.config.train.max_nonfinite_steps:
             raise TrainingError(
@@ -396,7 +399,12 @@ class Trainer:
                    "backend": self.config.data.backend, "precision": self.precision.name,
                    "world_size": self.dist.world_size, "forward_gflops_per_image": self.flops / 1e9,
                    "graphs_compiled": getattr(self.compile_counter, "graphs", None)}
-        self.report.finish(summary, self.last_eval)
+        sample_ids = None
+        if self.last_eval is not None:
+            from fastpipe.evaluate import manifest_sample_ids
+
+            sample_ids = manifest_sample_ids(getattr(self.val_loader, "manifest", {}), "val", self.last_eval.targets)
+        self.report.finish(summary, self.last_eval, sample_ids=sample_ids)
         self.report.log(f"done: best val top-1 {self.best_top1:.2%}; outputs in {self.run_dir}")
 
     # -------------------------------------------------------------------------------------- display

@@ -25,7 +25,9 @@ BETON_MAX_RESOLUTION = 96
 def ffcv_warm():
     """Import FFCV once in the test process: converter writer processes are forked from it and then
     start without re-importing FFCV (a ~6 s numba/torch import each time)."""
-    import ffcv.writer  # noqa: F401
+    from convert.write import warm_ffcv
+
+    warm_ffcv()
 
 
 @pytest.fixture(scope="session")

@@ -114,3 +114,52 @@ def test_sample_ids_come_from_the_manifest_only_when_the_order_matches():
     assert manifest_sample_ids(manifest, "val", np.array([0, 1, 0])) == ["a/1.jpg", "b/2.jpg", "a/3.jpg"]
     assert manifest_sample_ids(manifest, "val", np.array([1, 0, 0])) is None  # shuffled loader
     assert manifest_sample_ids(manifest, "val", np.array([0, 1])) is None  # dropped or sharded samples
+
+
+@pytest.fixture(scope="module")
+def saved_run(betons, tmp_path_factory):
+    """A run directory as the trainer leaves it (config.toml + best.pt), with untrained weights."""
+    from fastpipe.checkpoint import save_checkpoint
+    from fastpipe.config import load_config, to_toml
+    from fastpipe.data.beton import read_manifest
+    from fastpipe.model import build_model
+
+    run_dir = tmp_path_factory.mktemp("run")
+    config = load_config("cpu-smoke.toml", [f"--data.path={betons}", "--data.backend=torch", "--data.workers=1",
+                                            "--data.val_batch_size=12", "--resolution.val=32",
+                                            "--eval.flip_tta=true"])
+    (run_dir / "config.toml").write_text(to_toml(config))
+    classes = read_manifest(betons)["classes"]
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(classes), blurpool=False)
+    save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": 2, "classes": classes})
+    return run_dir, read_manifest(betons)
+
+
+def test_evaluate_cli_writes_the_report_with_manifest_paths(saved_run, capsys):
+    from fastpipe.evaluate import main
+
+    run_dir, manifest = saved_run
+    assert main([str(run_dir), "--checkpoint", "best"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    out = run_dir / "eval-best"
+    samples = manifest["splits"]["val"]["samples"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert predictions["path"].tolist() == [path for path, _ in samples]
+    assert predictions["true"].tolist() == [manifest["classes"][label] for _, label in samples]
+    summary = pd.read_json(out / "eval.json", typ="series")
+    assert summary["count"] == len(samples) and summary["epoch"] == 3 and summary["flip_tta"]
+    assert summary["top1"] == pytest.approx((predictions["true"] == predictions["predicted"]).mean())
+    per_class = pd.read_csv(out / "per_class.csv")
+    assert per_class["support"].tolist() == np.bincount([label for _, label in samples]).tolist()
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_evaluate_cli_reports_a_missing_checkpoint_clearly(saved_run, capsys):
+    from fastpipe.evaluate import main
+
+    run_dir, _ = saved_run
+    assert main([str(run_dir), "--checkpoint", "last"]) == 1
+    assert "last.pt does not exist" in capsys.readouterr().err
+    assert main([str(run_dir.parent)]) == 2
+    assert "no config.toml" in capsys.readouterr().err

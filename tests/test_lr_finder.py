@@ -53,8 +53,8 @@ def train_step(model, optimizer, batch, scaler=None):
 
 def assert_same_tensors(left: dict, right: dict):
     assert left.keys() == right.keys()
-    for name in left:
-        assert torch.equal(left[name], right[name]), name
+    for name, tensor in left.items():
+        assert torch.equal(tensor, right[name]), name
 
 
 def rng_fingerprint():
@@ -188,3 +188,22 @@ def test_writes_csv_and_png_with_the_sweep(tmp_path):
     np.testing.assert_allclose(table["smoothed_loss"], result.smoothed)
     image = imread(result.png_path)
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+
+
+def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys):
+    from fastpipe.lr_find import main
+
+    out = tmp_path / "sweep"
+    code = main(["--config", "cpu-smoke.toml", f"--data.path={betons}", "--data.backend=torch",
+                 "--data.workers=1", "--data.batch_size=8", "--resolution.start=32", "--resolution.end=32",
+                 "--lr_finder.steps=6", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "steepest descent" in printed and "--optim.lr=" in printed
+    table = pd.read_csv(out / "lr_finder.csv")
+    assert len(table) == 6
+    summary = pd.read_json(out / "lr_finder.json", typ="series")
+    assert table["lr"].min() <= summary["steepest"] <= table["lr"].max()
+    assert (out / "lr_finder.png").stat().st_size > 1000
+    assert main(["--config", "cpu-smoke.toml", "--optim.lrr=1"]) == 2  # config errors name the key
+    assert "optim.lr" in capsys.readouterr().err

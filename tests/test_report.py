@@ -9,8 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from fastpipe.evaluate import EvalResult
-from fastpipe.report import (METRIC_KEYS, PLOTS, RunReport, confused_subset, confusion_matrix,
-                             per_class_table)
+from fastpipe.report import METRIC_KEYS, PLOTS, RunReport, confused_subset, confusion_matrix, per_class_table
 
 
 def epoch_metrics(epoch: int) -> dict:
@@ -54,7 +53,7 @@ def test_metrics_csv_and_markdown_log_hold_one_row_per_epoch(finished_run):
     run_dir, _ = finished_run
     table = pd.read_csv(run_dir / "metrics.csv")
     assert list(table.columns) == list(METRIC_KEYS)
-    assert table["epoch"].tolist() == [1, 2, 3]
+    assert table["epoch"].tolist() == [1, 2, 3] and table["epoch"].dtype.kind == "i"
     np.testing.assert_allclose(table["val_top1"], [0.3, 0.5, 0.4])
     lines = (run_dir / "log.md").read_text().splitlines()
     table_lines = [line for line in lines if line.startswith("|")]
@@ -132,7 +131,7 @@ def test_confusion_image_for_many_classes_shows_the_most_confused(tmp_path):
     assert len(subset) == 8
     assert {7, 8, 40, 3, 55, 12} <= set(subset.tolist())
 
-    report = RunReport(tmp_path, classes, tensorboard=False)
+    report = RunReport(tmp_path, classes, tensorboard=False, plots=False)
     result = eval_result(targets, preds, classes)
     paths = report.finish({}, result)["files"]
     assert imread(paths["confusion_matrix"]).shape[0] > 300
@@ -141,10 +140,17 @@ def test_confusion_image_for_many_classes_shows_the_most_confused(tmp_path):
 
 
 def test_resume_keeps_earlier_epochs_and_replaces_a_rerun_epoch(tmp_path):
-    first = RunReport(tmp_path, ["a", "b"], tensorboard=False)
+    first = RunReport(tmp_path, ["a", "b"], tensorboard=False, plots=False)
     first.epoch(epoch_metrics(1), echo=False)
     first.epoch(epoch_metrics(2), echo=False)
-    resumed = RunReport(tmp_path, ["a", "b"], tensorboard=False, resume=True)
+    for step in range(10):
+        first.step(step, epoch=step / 5, lr=0.1)
+    resumed = RunReport(tmp_path, ["a", "b"], tensorboard=False, plots=False, resume=True)
+    for step in range(6, 8):  # the checkpoint was older than the last logged steps
+        resumed.step(step, epoch=step / 5, lr=0.2)
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert steps["step"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert steps["lr"].tolist() == [0.1] * 6 + [0.2] * 2
     rerun = {**epoch_metrics(2), "val_top1": 0.55}
     resumed.epoch(rerun, echo=False)
     resumed.epoch(epoch_metrics(3), echo=False)

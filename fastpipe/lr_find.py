@@ -1,0 +1,102 @@
+"""`python -m fastpipe.lr_find --config r50.toml [--section.key=value ...]`: the LR range test on the
+model, optimizer, AMP setup and first-epoch loader a training run with that config would use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from fastpipe.lr_finder import LRFinderResult, find_lr
+
+
+def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
+    """Set up like `fastpipe.train` (one process) and sweep. Returns the result and the first epoch's
+    LR scale, which converts the suggestion (at the first epoch's batch size) into `optim.lr`."""
+    from fastpipe.data import build_loader
+    from fastpipe.model import apply_freeze, build_model, compile_model
+    from fastpipe.optim import build_optimizer, plan_epochs
+    from fastpipe.train import configure_backends, resolve_device, resolve_precision, seed_everything
+
+    device = resolve_device(config.train.device)
+    configure_backends(device, config.train.deterministic)
+    seed_everything(config.train.seed, config.train.deterministic)
+    precision = resolve_precision(config.train.amp, device)
+    schedule, data, augment = config.schedule_for_resolution(), config.data, config.augment
+    loader = build_loader(backend=data.backend, data=data.path, split="train", batch_size=schedule.batch_size_at(0),
+                          resolution=schedule.resolution_at(0), workers=data.workers, device=device,
+                          shuffle=True, drop_last=True, dtype=precision.dtype, seed=config.train.seed,
+                          min_scale=augment.min_scale, flip=augment.flip, **data.options)
+    first_epoch = plan_epochs(config, loader.num_samples)[0]
+
+    model = build_model(config.model.arch, len(loader.classes), blurpool=config.model.blurpool,
+                        zero_init_residual=config.model.zero_init_residual)
+    apply_freeze(model, config.model.freeze)
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    use_compile = config.model.compile if config.model.compile != "auto" else device == "cuda"
+    train_model = compile_model(model, config.model.compile_backend)[0] if use_compile else model
+    optimizer = build_optimizer(model, config)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    scaler = precision.scaler if precision.scaler.is_enabled() else None
+    finder = config.lr_finder
+    result = find_lr(train_model, optimizer, criterion, loader, start_lr=finder.start_lr, end_lr=finder.end_lr,
+                     steps=finder.steps, autocast=precision.autocast, scaler=scaler, out_dir=out_dir)
+    return result, first_epoch.lr_scale
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpipe.lr_find",
+        description="LR range test for a training config. Any config key can be set as --section.key=value "
+                    "([lr_finder] start_lr, end_lr, steps control the sweep).",
+        epilog="example: python -m fastpipe.lr_find --config r18.toml --lr_finder.steps=200")
+    parser.add_argument("--config", required=True, help="TOML file, or a name in configs/")
+    parser.add_argument("--tune", help="TOML with the same sections merged over the config (from autotune)")
+    parser.add_argument("--out", help="output folder (default: runs/lr_find-<config name>-<time>)")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastpipe.checkpoint import CheckpointError
+    from fastpipe.config import ConfigError, load_config
+    from fastpipe.data.beton import BetonError
+
+    args, overrides = parse_args(argv)
+    try:
+        config = load_config(args.config, overrides, tune=args.tune)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or f"runs/lr_find-{config.run.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        result, lr_scale = build_and_sweep(config, out_dir)
+    except (BetonError, CheckpointError, ConfigError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    suggestions = result.suggestions()
+    payload = {"reason": result.reason, "stopped_early": result.stopped_early, "steps_run": len(result.lrs),
+               **suggestions, "first_epoch_lr_scale": lr_scale,
+               "optim_lr": None if result.suggestion is None else result.suggestion / lr_scale}
+    (out_dir / "lr_finder.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"LR range test: {result.reason}")
+    for name, label in (("steepest", "steepest descent (suggestion)"), ("min_loss_div10", "min loss / 10"),
+                        ("valley", "valley")):
+        value = suggestions[name]
+        print(f"  {label:<30} {'-' if value is None else f'{value:.3g}'}")
+    if result.suggestion is None:
+        print("No suggestion: the sweep was too short to read. Lower [lr_finder] start_lr or raise steps.")
+    else:
+        print(f"Train with it: python -m fastpipe.train --config {args.config} --optim.lr={payload['optim_lr']:.3g}"
+              + (f"  (suggestion / first-epoch LR scale {lr_scale:g})" if lr_scale != 1 else ""))
+    print(f"Outputs: {result.png_path}  {result.csv_path}  {out_dir / 'lr_finder.json'}")
+    return 0 if result.suggestion is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
