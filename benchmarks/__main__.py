@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return int(converter.main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args.module).run(args) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    module = importlib.import_module(args.module)
+    # Config-driven subcommands take the trainer's `--section.key=value` overrides after their options.
+    if extra and not getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

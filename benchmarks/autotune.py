@@ -21,6 +21,8 @@ from benchmarks.search import Budget, SearchResult, Trial, successive_halving
 
 # DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
 DALI_GPU_OPTIONS = {"prefetch": (2, 3), "hw_decoder_load": (0.0, 0.5, 0.75)}
+LOADER_WARMUP_BATCHES = 4
+LOADER_MIN_BATCHES = 16   # first-rung measurement length; later rungs double it
 TRIAL_COLUMNS = {"phase": "phase", "res": "res", "setting": "setting", "rung": "rung", "units": "units",
                  "img_per_s": "img/s", "seconds": "s", "note": "note"}
 
@@ -76,7 +78,9 @@ def loader_rate(config, res: int, setting: tuple, batches: int, device: str) -> 
                           device=device, min_scale=config.augment.min_scale, flip=config.augment.flip,
                           **options)
     try:
-        return measure_batches(loader, device, batches, warmup_batches=2)
+        # Loaders prefetch a few batches while the first ones are consumed; untimed warm-up batches
+        # empty that head start so it does not inflate a short measurement.
+        return measure_batches(loader, device, batches, warmup_batches=LOADER_WARMUP_BATCHES)
     finally:
         del loader
         gc.collect()
@@ -166,8 +170,8 @@ def tuned_values(config, phases: list[PhaseResult]) -> dict:
     data = {"workers": setting.pop("workers", config.data.workers)}
     if setting:
         data["options"] = {**config.data.options, **setting}
-    # One batch size must fit at every resolution, so the smallest tuned one is the safe choice.
-    data["batch_size"] = min(batch.values()) if batch else config.data.batch_size
+    # One batch size for every epoch: the one tuned at the largest resolution fits at all smaller ones.
+    data["batch_size"] = batch[max(batch)] if batch else config.data.batch_size
     values = {"data": data}
     if config.resolution.stages:
         values["resolution"] = {"stages": [
@@ -241,6 +245,9 @@ SUMMARY_COLUMNS = {"res": "res", "backend": "backend", "workers": "workers", "op
                    "img_per_s": "loader img/s", "batch_size": "batch", "train_img_per_s": "train img/s"}
 
 
+ACCEPTS_CONFIG_OVERRIDES = True   # `--data.path=...` style arguments go to load_config
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="trainer config (TOML)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget in seconds")
@@ -264,7 +271,7 @@ def run(args) -> int:
     if args.budget_s <= 0 or not 1 <= args.min_batch_size <= args.max_batch_size:
         raise SystemExit("error: --budget-s must be > 0 and 1 <= --min-batch-size <= --max-batch-size")
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, overrides=getattr(args, "overrides", []))
         num_classes = len(read_manifest(config.data.path)["classes"])
     except (ConfigError, BetonError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -292,7 +299,7 @@ def run(args) -> int:
         search = successive_halving(
             candidates,
             lambda setting, units, res=res: loader_rate(config, res, setting, units, device), share,
-            min_units=4, first_estimate=min(earlier, default=0.0))
+            min_units=LOADER_MIN_BATCHES, first_estimate=min(earlier, default=0.0))
         phases.append(PhaseResult("loader", res, search, offset_s=share.start - budget.start))
         pending -= 1
         if args.skip_batch:
@@ -307,7 +314,8 @@ def run(args) -> int:
         pending -= 1
     values = tuned_values(config, phases)
     incomplete = [f"{p.phase}@{p.res}px: {p.search.reason}" for p in phases if not p.search.complete]
-    header = [f"python -m benchmarks autotune --config {args.config} --budget-s {args.budget_s:g}",
+    header = [f"python -m benchmarks autotune --config {args.config} --budget-s {args.budget_s:g} "
+              + " ".join(getattr(args, "overrides", [])),
               f"on {describe(machine_info())}, device {device}, {budget.elapsed:.0f} s used",
               *(f"partial: {line}" for line in incomplete)]
     out = Path(args.out)

@@ -8,10 +8,18 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def pytest_configure(config):
+    # `make bench` writes runs/bench.json; pytest-benchmark does not create the folder itself.
+    target = getattr(config.option, "benchmark_json", None)
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
 
 
 def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

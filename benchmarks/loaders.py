@@ -207,7 +207,8 @@ def unavailable_backends(backends: list[str]) -> dict[str, str]:
 
 
 def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warmup: int,
-              options: dict[str, dict], console: Console) -> tuple[list[dict], list[str], int]:
+              options: dict[str, dict], console: Console,
+              max_batches: int | None = None) -> tuple[list[dict], list[str], int]:
     """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
     rows, notes, failures = [], [], 0
     skipped = unavailable_backends(sorted({case.backend for case in cases}))
@@ -221,7 +222,7 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
         for case in runnable:
             try:
                 rows.append(measure_case(case, data, device, epochs, warmup, options.get(case.backend),
-                                         progress))
+                                         progress, max_batches))
             except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the rest
                 failures += 1
                 message = (f"{case.backend} res={case.res} workers={case.workers}: failed: "
@@ -242,6 +243,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per combination (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs per combination")
+    parser.add_argument("--max-batches", type=int, help="cap each epoch at this many batches (large sets)")
     parser.add_argument("--split", default="train", choices=["train", "val"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--option", action="append", metavar="BACKEND.NAME=VALUE",
@@ -257,8 +259,8 @@ def run(args) -> int:
         backends.append(BASELINE)
     resolutions = parse_int_list(args.res, "res")
     workers = parse_int_list(args.workers, "workers")
-    if args.batch_size < 1 or args.epochs < 1 or args.warmup < 0:
-        raise SystemExit("error: --batch-size and --epochs must be >= 1 and --warmup >= 0")
+    if args.batch_size < 1 or args.epochs < 1 or args.warmup < 0 or (args.max_batches or 1) < 1:
+        raise SystemExit("error: --batch-size, --epochs and --max-batches must be >= 1 and --warmup >= 0")
     from fastpipe.data.beton import BetonError, check_beton
 
     try:
@@ -269,12 +271,14 @@ def run(args) -> int:
     options = parse_backend_options(args.option)
     cases = [LoaderCase(backend, res, count, args.batch_size, args.split)
              for backend, res, count in itertools.product(backends, resolutions, workers)]
-    rows, notes, failures = run_cases(cases, args.data, device, args.epochs, args.warmup, options, console)
+    rows, notes, failures = run_cases(cases, args.data, device, args.epochs, args.warmup, options, console,
+                                      args.max_batches)
     payload = {
         "benchmark": "loaders",
         "machine": machine_info(),
         "settings": {"data": str(Path(args.data).resolve()), "split": args.split, "epochs": args.epochs,
-                     "warmup": args.warmup, "device": device, "backends": backends},
+                     "warmup": args.warmup, "max_batches": args.max_batches, "device": device,
+                     "backends": backends},
         "results": rows,
         "legend": LEGEND,
         "notes": notes,

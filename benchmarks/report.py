@@ -102,13 +102,20 @@ def _plot(path: Path, rows: list[dict], x_key: str, group_keys: tuple[str, ...],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # One colour per backend in every plot; the second grouping key changes the line style.
+    backends = sorted({row["backend"] for row in rows})
+    colours = {name: f"C{index % 10}" for index, name in enumerate(backends)}
+    second = sorted({row[group_keys[1]] for row in rows}) if len(group_keys) > 1 else []
+    styles = ["-", "--", ":", "-."]
     for key, points in _series(rows, group_keys, x_key).items():
         xs = [p[0] for p in points]
         medians = [p[1] for p in points]
         low = [p[1] - p[2] for p in points]
         high = [p[3] - p[1] for p in points]
         label = ", ".join(f"{k}={v}" if k != "backend" else str(v) for k, v in zip(group_keys, key))
-        ax.errorbar(xs, medians, yerr=[low, high], marker="o", capsize=3, label=label)
+        style = styles[second.index(key[1]) % len(styles)] if second else "-"
+        ax.errorbar(xs, medians, yerr=[low, high], marker="o", capsize=3, label=label,
+                    color=colours.get(key[0]), linestyle=style)
     ax.set_xticks(sorted({row[x_key] for row in rows}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images / s (median, min-max)")

@@ -131,6 +131,9 @@ def loader_rate(step: TrainStep, loader, steps: int, warmup: int = 1) -> float:
         batches.close()
 
 
+ACCEPTS_CONFIG_OVERRIDES = True   # `--data.path=...` style arguments go to load_config
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="trainer config (TOML), e.g. configs/cpu-smoke.toml")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per feed (after 2 warm-up steps)")
@@ -149,7 +152,7 @@ def run(args) -> int:
     from fastpipe.data.beton import BetonError, read_manifest
 
     try:
-        config = load_config(args.config, tune=args.tune)
+        config = load_config(args.config, overrides=getattr(args, "overrides", []), tune=args.tune)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.steps < 1:

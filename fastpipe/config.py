@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Tuple, Union
 
 from fastpipe.schedule import ResolutionSchedule, Stage
 
@@ -48,6 +48,7 @@ class ResolutionConfig:
 class AugmentConfig:
     min_scale: float = 0.08
     max_scale: float = 1.0
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # aspect-ratio range of the random crops
     flip: bool = True
     mixup: float = 0.0                   # Beta(alpha, alpha) of v2.MixUp; 0 turns it off
     cutmix: float = 0.0                  # Beta(alpha, alpha) of v2.CutMix; 0 turns it off
@@ -172,6 +173,8 @@ def _unknown(name: str, candidates: list[str]) -> ConfigError:
 def _describe(kind) -> str:
     if typing.get_origin(kind) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} numbers"
     if typing.get_origin(kind) in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(kind))
     return {tuple: "a list", dict: "a table"}.get(kind, getattr(kind, "__name__", str(kind)))
@@ -204,6 +207,10 @@ def _coerce(name: str, value, kind):
     elif kind is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif origin is tuple:
+        args = typing.get_args(kind)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     elif kind is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(_coerce_stage(f"{name}[{i}]", s) for i, s in enumerate(value))
@@ -322,6 +329,7 @@ def validate(config: Config) -> None:
         (0 < config.schedule.pct_start < 1, "schedule.pct_start must be between 0 and 1"),
         (0 < config.augment.min_scale <= config.augment.max_scale <= 1,
          "augment needs 0 < min_scale <= max_scale <= 1"),
+        (0 < config.augment.ratio[0] <= config.augment.ratio[1], "augment.ratio needs 0 < low <= high"),
         (0 <= config.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
         (config.optim.lr == "auto" or config.optim.lr > 0, "optim.lr must be positive or \"auto\""),
         (config.eval.every >= 1, "eval.every must be at least 1"),

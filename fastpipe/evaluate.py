@@ -20,7 +20,8 @@ from fastpipe.report import class_names, write_class_report, write_predictions  
 @dataclass
 class EvalResult:
     """Accuracies are fractions in [0, 1]; `top5` is top-`topk` when there are fewer than 5 classes.
-    targets/preds/confidences are per sample, in loader order."""
+    targets/preds/confidences are per sample, in loader order; `sample_ids` are the samples' paths when
+    the loader is one of ours reading its split unshuffled and whole (else None: rows are indices)."""
 
     loss: float
     top1: float
@@ -32,6 +33,7 @@ class EvalResult:
     topk: int
     num_classes: int
     classes: list[str] | None = None
+    sample_ids: list[str] | None = None
 
     def metrics(self) -> dict[str, float]:
         return {"val_loss": self.loss, "val_top1": self.top1, "val_top5": self.top5}
@@ -81,10 +83,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | 
     if count == 0:
         raise ValueError("Evaluation got no batches: the val loader is empty (check data.path, the val "
                          "split in the manifest, and that drop_last is off for evaluation).")
+    targets = torch.cat(targets).cpu().numpy()
+    sample_ids = None
+    if getattr(loader, "shuffle", True) is False and hasattr(loader, "manifest"):
+        sample_ids = manifest_sample_ids(loader.manifest, getattr(loader, "split", "val"), targets)
     return EvalResult(loss=float(loss_sum) / count, top1=int(correct1) / count, top5=int(correctk) / count,
-                      targets=torch.cat(targets).cpu().numpy(), preds=torch.cat(preds).cpu().numpy(),
+                      targets=targets, preds=torch.cat(preds).cpu().numpy(),
                       confidences=torch.cat(confidences).float().cpu().numpy(), count=count, topk=topk,
-                      num_classes=num_classes, classes=list(classes) if classes else None)
+                      num_classes=num_classes, classes=list(classes) if classes else None, sample_ids=sample_ids)
 
 
 def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray) -> list[str] | None:
@@ -139,10 +145,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                               f"--data.path at the data set the run used.")
     result = evaluate(model, loader, criterion=F.cross_entropy, autocast=precision.autocast,
                       flip_tta=config.eval.flip_tta, classes=classes)
-    sample_ids = manifest_sample_ids(loader.manifest, "val", result.targets)
-
     out_dir = out_dir or run_dir / f"eval-{path.stem}"
-    files = write_class_report(out_dir, result, classes, sample_ids)
+    files = write_class_report(out_dir, result, classes)
     summary = {"checkpoint": str(path), "epoch": int(state["epoch"]) + 1, **eval_summary(result, classes),
                "backend": data.backend, "resolution": config.resolution.val, "flip_tta": config.eval.flip_tta,
                "precision": precision.name, "files": {k: str(v) for k, v in files.items()},

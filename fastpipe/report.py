@@ -145,8 +145,9 @@ class RunReport:
         return paths
 
     def finish(self, summary: dict | None = None, eval_result=None, *, sample_ids=None) -> dict:
-        """Write summary.json (best/final accuracy, time, img/s, environment, plus `summary`) and, with
-        `eval_result` (an evaluate.EvalResult), the class report (see `write_class_report`)."""
+        """Write summary.json (best/final accuracy, time, img/s, environment, plus `summary`), the per-panel
+        plots and, with `eval_result` (an evaluate.EvalResult), the class report (`write_class_report`;
+        predictions.csv rows are `sample_ids`, else eval_result.sample_ids, else indices)."""
         if not self.enabled:
             return {}
         from fastpipe.data.beton import write_json_atomic
@@ -246,8 +247,10 @@ def eval_summary(result, classes=None) -> dict:
 
 def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -> Path:
     """predictions.csv: one row per sample with path (or index), true, predicted (class names when known)
-    and confidence (softmax probability of the prediction)."""
+    and confidence (softmax probability of the prediction). `sample_ids` defaults to result.sample_ids."""
     names = class_names(classes or getattr(result, "classes", None), result.num_classes)
+    if sample_ids is None:
+        sample_ids = getattr(result, "sample_ids", None)
     if sample_ids is not None and len(sample_ids) != result.count:
         raise ValueError(f"{len(sample_ids)} sample ids for {result.count} predictions: ids must follow the "
                          f"loader's order (unshuffled, drop_last=False, one process).")

@@ -150,7 +150,7 @@ class Trainer:
         self.schedule = config.schedule_for_resolution()
         self.train_loader = build_loader(split="train", batch_size=self.schedule.batch_size_at(0),
                                          resolution=self.schedule.resolution_at(0), shuffle=True, drop_last=True,
-                                         distributed=self.dist.enabled, min_scale=aug.min_scale, flip=aug.flip,
+                                         distributed=self.dist.enabled, min_scale=aug.min_scale, ratio=aug.ratio, flip=aug.flip,
                                          **common)
         self.val_loader = build_loader(split="val", batch_size=data.val_batch_size or data.batch_size,
                                        resolution=config.resolution.val, shuffle=False, drop_last=False,

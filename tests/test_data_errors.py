@@ -101,6 +101,11 @@ def test_missing_library_names_it_and_the_backends_that_remain(data_dir, monkeyp
         build_loader("dali", data_dir)
 
 
+def test_an_option_of_another_backend_is_rejected_with_the_valid_ones(data_dir):
+    with pytest.raises(ValueError, match=r"\['order'\].*'dali'.*hw_decoder_load"):
+        build_loader("dali", data_dir, order="random")
+
+
 def test_ffcv_quasi_random_order_needs_os_cache_off(data_dir):
     with pytest.raises(ValueError, match="os_cache=False"):
         build_loader("ffcv", data_dir, order="quasi_random", os_cache=True)

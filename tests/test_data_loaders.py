@@ -166,8 +166,9 @@ def test_ffcv_and_dali_decode_the_same_val_pixels(request, directory, split):
     assert torch.equal(ffcv_labels, dali_labels)
     assert len(ffcv_labels) == read_manifest(data)["splits"][split]["written"]
     difference = (ffcv_images - dali_images).abs()
-    # different resize kernels (OpenCV INTER_AREA vs DALI antialiased linear): close, not equal
-    assert difference.mean() < 4 and difference.flatten(1).mean(1).max() < 12
+    # same crop window; different resize kernels (OpenCV INTER_AREA vs DALI antialiased linear), so
+    # close, not equal: well under the ~20 levels that separate two different samples here
+    assert difference.mean() < 3 and difference.flatten(1).mean(1).max() < 6
 
 
 def test_raw_pixel_samples_read_back_exactly(mixed_dir):

@@ -116,6 +116,22 @@ def test_sample_ids_come_from_the_manifest_only_when_the_order_matches():
     assert manifest_sample_ids(manifest, "val", np.array([0, 1])) is None  # dropped or sharded samples
 
 
+class ListLoader(list):
+    """Batches plus the attributes fastpipe's loaders carry."""
+
+    def __init__(self, batches, manifest, shuffle):
+        super().__init__(batches)
+        self.manifest, self.split, self.shuffle = manifest, "val", shuffle
+
+
+def test_evaluate_takes_sample_paths_from_an_unshuffled_loader():
+    manifest = {"splits": {"val": {"samples": [["a/1.jpg", 0], ["b/2.jpg", 1], ["a/3.jpg", 0]]}}}
+    batches = [(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 1, 0]))]
+    assert evaluate(Identity(), ListLoader(batches, manifest, shuffle=False)).sample_ids == \
+        ["a/1.jpg", "b/2.jpg", "a/3.jpg"]
+    assert evaluate(Identity(), ListLoader(batches, manifest, shuffle=True)).sample_ids is None
+
+
 @pytest.fixture(scope="module")
 def saved_run(betons, tmp_path_factory):
     """A run directory as the trainer leaves it (config.toml + best.pt), with untrained weights."""

@@ -15,6 +15,18 @@ from fastpipe.lr_finder import find_lr
 FEATURES, CLASSES, SAMPLES, BATCH = 16, 4, 1024, 32
 
 
+@pytest.fixture(autouse=True)
+def single_thread(request):
+    """The toy models are tiny: one intra-op thread is faster than two on a busy 2-core machine."""
+    if "betons" in request.fixturenames:  # the CLI test runs a real ResNet: leave it the threads
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def blobs(seed: int = 0):
     """Four overlapping Gaussian blobs: learnable, but not so easy that every LR works."""
     gen = torch.Generator().manual_seed(seed)
@@ -207,3 +219,29 @@ def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys
     assert (out / "lr_finder.png").stat().st_size > 1000
     assert main(["--config", "cpu-smoke.toml", "--optim.lrr=1"]) == 2  # config errors name the key
     assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_amp_sweep_restores_weights_scaler_and_cuda_rng(dtype):
+    from functools import partial
+
+    device = torch.device("cuda")
+    inputs, labels = blobs()
+    data = batches_of(inputs.to(device), labels.to(device))
+    model = mlp(extras=True).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    train_step(model, optimizer, data[0], scaler)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_scaler = copy.deepcopy(scaler.state_dict())
+    cuda_rng = torch.cuda.get_rng_state()
+
+    result = find_lr(model, optimizer, torch.nn.CrossEntropyLoss(), data, start_lr=1e-4, end_lr=10, steps=60,
+                     autocast=partial(torch.autocast, "cuda", dtype=dtype),
+                     scaler=scaler if scaler.is_enabled() else None)
+    assert result.suggestion is not None
+    assert_same_tensors(model.state_dict(), before)
+    assert scaler.state_dict() == before_scaler
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)

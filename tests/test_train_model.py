@@ -80,18 +80,18 @@ def test_one_cycle_schedule_spans_the_run_and_scales_with_the_stage_batch_size()
     model = nn.Linear(2, 2)
     optimizer = build_optimizer(model, config)
     assert optimizer.param_groups[0]["nesterov"]
-    scheduler = build_scheduler(optimizer, config, peak_lr=1.0, total_steps=20)
+    scheduler = build_scheduler(optimizer, config, peak_lr=1.0, total_steps=40)   # peak at step 0.125*40-1
     lrs, momenta = [], []
-    for step in range(20):
-        if step == 10:
+    for step in range(40):
+        if step == 20:
             rescale_lr(optimizer, 0.5)   # second stage: half the batch, half the LR
         lrs.append(optimizer.param_groups[0]["lr"])
         momenta.append(optimizer.param_groups[0]["momentum"])
         optimizer.step()
-        if step < 19:
+        if step < 39:
             scheduler.step()
     peak = lrs.index(max(lrs))
-    assert lrs[peak] == pytest.approx(1.0) and 0 < peak < 10
+    assert lrs[peak] == pytest.approx(1.0) and peak == 4
     assert momenta[peak] == pytest.approx(0.85 * 0.9)             # momentum is lowest when the LR peaks
     assert lrs[0] == pytest.approx(1.0 / 25)
     assert lrs[-1] == pytest.approx(0.5 / 25 / 1e4, rel=1e-6)   # final LR of the scaled curve

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -55,6 +56,12 @@ def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str
         raise RuntimeError(f"Loader backend {backend!r} needs {package}, which is not installed: "
                            f"{INSTALL_HINTS[package]}. Backends available here: {available_backends()}.")
     loader_class = getattr(importlib.import_module(module_name), class_name)
+    accepted = [name for name, parameter in inspect.signature(loader_class).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(backend_options) - set(accepted))
+    if unknown:
+        raise ValueError(f"Option(s) {unknown} are not understood by the {backend!r} loader; "
+                         f"its options are {accepted}.")
     return loader_class(data, split, batch_size=batch_size, resolution=resolution, workers=workers,
                         device=device, shuffle=shuffle, drop_last=drop_last, normalize=normalize,
                         dtype=dtype, seed=seed, distributed=distributed, min_scale=min_scale,

@@ -22,16 +22,25 @@ def ppm_bytes(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.concatenate([header, pixels])
 
 
+def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FFCV's val crop in pixels, (x, y) anchors and (w, h) shapes: a centred square of 0.875 x the
+    shorter side, with FFCV's integer rounding (a half-pixel shift shows on fine textures)."""
+    side = (VAL_CROP_RATIO * np.minimum(width, height)).astype(np.int64)
+    anchor = np.stack([(width - side) // 2, (height - side) // 2], axis=1)
+    return anchor.astype(np.float32), np.stack([side, side], axis=1).astype(np.float32)
+
+
 class BetonSource:
-    """Batches of (encoded images, labels) in the order set for the epoch.
+    """Batches of (encoded images, labels[, val crop anchors, val crop shapes]) in the epoch's order.
 
     With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
     order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
     """
 
-    def __init__(self, samples: BetonSamples, batch_size: int):
+    def __init__(self, samples: BetonSamples, batch_size: int, crop_windows: bool):
         self.samples = samples
         self.batch_size = batch_size
+        self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
         self.order = np.zeros(0, dtype=np.int64)
 
     def __iter__(self):
@@ -40,7 +49,11 @@ class BetonSource:
             indices = order[start:start + self.batch_size]
             encoded = [ppm_bytes(samples.encoded(i), samples.width[i], samples.height[i])
                        if samples.is_raw(i) else samples.encoded(i) for i in indices]
-            yield encoded, samples.labels[indices]
+            if self.crop_windows:
+                yield encoded, samples.labels[indices], *center_crop_windows(samples.width[indices],
+                                                                             samples.height[indices])
+            else:
+                yield encoded, samples.labels[indices]
 
 
 class EpochRunner:
@@ -84,12 +97,14 @@ class DALILoader(LoaderBase):
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
-        source = BetonSource(self.samples, batch_size)
+        source = BetonSource(self.samples, batch_size, crop_windows=not self.train)
 
         @pipeline_def
         def pipeline():
-            encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
-                                                 dtype=[types.UINT8, types.INT64])
+            dtypes = [types.UINT8, types.INT64] + ([] if self.train else [types.FLOAT, types.FLOAT])
+            outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, cycle="raise",
+                                         dtype=dtypes)
+            encoded, labels = outputs[:2]
             if self.train:
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=self.scale,
                                                        random_aspect_ratio=self.ratio, num_attempts=10,
@@ -97,12 +112,16 @@ class DALILoader(LoaderBase):
                 images = fn.resize(images, resize_x=resolution, resize_y=resolution)
                 mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
             else:
-                images = fn.decoders.image(encoded, output_type=types.RGB, **decoder_args)
-                images = fn.resize(images, resize_shorter=resolution / VAL_CROP_RATIO)
+                # crop, then resize: FFCV's geometry (the same region as resize to res / 0.875 and
+                # centre-crop res), and the ROI decoder skips the borders
+                anchor, shape = outputs[2:]
+                images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", output_type=types.RGB,
+                                                 normalized_anchor=False, normalized_shape=False,
+                                                 **decoder_args)
+                images = fn.resize(images, resize_x=resolution, resize_y=resolution)
                 mirror = 0
             # HWC out: the NCHW view of an NHWC batch is already channels_last
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC",
-                                              crop=(resolution, resolution), mirror=mirror)
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
             return images, labels
 
         built = pipeline(batch_size=batch_size, num_threads=self.workers,

@@ -1,0 +1,140 @@
+"""End-to-end trainer behaviour on the shared tiny beton set (4 classes, 96 train / 32 val images) at 32 px."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fastpipe.checkpoint import load_checkpoint
+from fastpipe.config import load_config
+from fastpipe.train import Trainer, TrainingError, main
+
+TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--resolution.end=32",
+        "--resolution.val=32", "--schedule.epochs=2", "--train.log_every=100", "--optim.lr=0.1"]
+# No random augmentation, so data loading is a function of (seed, epoch) alone: no flips, and crops of the
+# whole image at aspect 1:2, which no synthetic image (aspect <= 16:9) allows, so every backend takes its
+# fixed centre-crop fallback instead of a randomly placed crop.
+DETERMINISTIC_DATA = ["--augment.min_scale=1.0", "--augment.ratio=[0.5, 0.5]", "--augment.flip=false"]
+
+
+def tiny_config(betons, *extra):
+    return load_config("cpu-smoke.toml", [f"--data.path={betons}", *TINY, *extra])
+
+
+def metrics(run_dir) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def trained_run(betons, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    assert Trainer(tiny_config(betons, "--schedule.epochs=3"), run_dir).fit() == 0
+    return run_dir
+
+
+def test_tiny_run_learns_well_above_chance_and_writes_its_outputs(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    chance = 1 / 4
+    assert summary["final_val_top1"] > 3 * chance
+    history = metrics(trained_run)
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert history["data_wait_pct"].between(0, 100).all() and (history["images_per_second"] > 0).all()
+    for name in ("config.toml", "model_summary.txt", "best.pt", "last.pt", "train.log", "predictions.csv"):
+        assert (trained_run / name).is_file(), name
+    last = load_checkpoint(trained_run / "last.pt")
+    assert last["epoch"] == 2 and last["completed"] and last["classes"] == ["class000", "class001", "class002",
+                                                                            "class003"]
+
+
+def test_fine_tune_with_frozen_backbone_changes_only_the_head(trained_run, betons, tmp_path):
+    config = tiny_config(betons, "--schedule.epochs=1", "--model.freeze=backbone")
+    trainer = Trainer(config, tmp_path / "ft", init_from=trained_run)
+    assert trainer.fit() == 0
+    source = load_checkpoint(trained_run / "best.pt")["model"]
+    tuned = load_checkpoint(tmp_path / "ft" / "last.pt")["model"]
+    assert torch.equal(tuned["layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
+    assert torch.equal(tuned["bn1.running_mean"], source["bn1.running_mean"])   # frozen BN keeps its statistics
+    assert not torch.equal(tuned["fc.weight"], source["fc.weight"])
+
+
+def test_resume_after_one_epoch_ends_bitwise_equal_to_an_uninterrupted_run(betons, tmp_path):
+    # MixUp draws from torch's global RNG, so this also checks that RNG state survives the resume.
+    config = tiny_config(betons, *DETERMINISTIC_DATA, "--augment.mixup=0.4", "--eval.flip_tta=false")
+    assert Trainer(config, tmp_path / "straight").fit() == 0
+
+    first = Trainer(config, tmp_path / "resumed")
+    first.plans = first.plans[:1]   # stop after epoch 1, as if the job had ended there
+    assert first.fit() == 0
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    assert Trainer(config, tmp_path / "resumed", resume=True).fit() == 0
+
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert straight["optimizer"]["param_groups"][0]["lr"] == resumed["optimizer"]["param_groups"][0]["lr"]
+    assert list(metrics(tmp_path / "resumed")["train_loss"]) == list(metrics(tmp_path / "straight")["train_loss"])
+
+
+def test_progressive_stages_change_loader_resolution_batch_size_and_scaled_lr(betons, tmp_path):
+    config = tiny_config(betons, "--optim.lr=auto", "--lr_finder.steps=8",
+                         "--resolution.stages=[{epochs = 1, resolution = 32}, "
+                         "{epochs = 1, resolution = 48, batch_size = 8}]")
+    trainer = Trainer(config, tmp_path / "run")
+    seen = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[0].shape)) if module.training else None)
+    assert trainer.fit() == 0
+
+    assert set(seen[:6]) == {(16, 3, 32, 32)} and set(seen[6:]) == {(8, 3, 48, 48)}
+    assert len(seen) == 96 // 16 + 96 // 8
+    history = metrics(tmp_path / "run")
+    assert list(history["resolution"]) == [32, 48] and list(history["batch_size"]) == [16, 8]
+    group = trainer.optimizer.param_groups[0]
+    assert group["max_lr"] == pytest.approx(trainer.peak_lr * 8 / 16)   # linear scaling for the smaller batch
+    assert (tmp_path / "run" / "lr_finder.png").is_file() and trainer.peak_lr > 0
+
+
+def test_compiled_training_compiles_once_per_resolution_and_never_in_steady_state(betons, tmp_path):
+    # aot_eager goes through dynamo's graph capture and guards like inductor, without C++ code generation.
+    config = tiny_config(betons, "--model.compile=true", "--model.compile_backend=aot_eager",
+                         "--schedule.epochs=3",
+                         "--resolution.stages=[{epochs = 2, resolution = 32}, {epochs = 1, resolution = 48}]")
+    assert Trainer(config, tmp_path / "run").fit() == 0
+    assert list(metrics(tmp_path / "run")["graphs_compiled"]) == [1, 1, 2]
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_runs_on_cpu(betons, tmp_path):
+    config = tiny_config(betons, "--model.compile=true", "--schedule.epochs=1")
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.fit() == 0
+    assert trainer.compile_counter.graphs == 1
+    assert metrics(tmp_path / "run")["train_loss"].notna().all()
+
+
+def test_non_finite_losses_skip_the_step_then_stop_naming_the_learning_rate(betons, tmp_path):
+    trainer = Trainer(tiny_config(betons, "--train.max_nonfinite_steps=3"), tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.criterion = lambda logits, targets: logits.float().mean() * float("nan")
+    with pytest.raises(TrainingError, match="learning rate is probably too high"):
+        trainer.fit()
+    assert trainer.bad_steps == 3
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items() if "running" not in k)
+
+
+def test_missing_data_message_gives_the_convert_command(tmp_path, capsys):
+    code = main(["--config", "cpu-smoke.toml", f"--data.path={tmp_path / 'nowhere'}", f"--run.dir={tmp_path / 'r'}"])
+    assert code == 1
+    assert "python -m convert" in capsys.readouterr().err
+
+
+def test_resume_from_corrupt_checkpoint_is_a_clear_error(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(f'[data]\npath = "{betons}"\n')
+    (run_dir / "last.pt").write_bytes(b"\x00" * 100)
+    assert main(["--resume", str(run_dir)]) == 1
+    assert "last.pt is corrupt or incomplete" in capsys.readouterr().err
