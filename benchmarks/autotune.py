@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from rich.console import Console
 
 from benchmarks.machine import describe, machine_info
-from benchmarks.report import print_table
+from benchmarks.report import make_console, print_table
 from benchmarks.search import Budget, SearchResult, Trial, successive_halving
 
 # DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
@@ -277,7 +276,7 @@ def run(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     if reason := unavailable_backends([config.data.backend]).get(config.data.backend):
         raise SystemExit(f"error: data.backend of {args.config}: {reason}")
-    console = Console()
+    console = make_console()
     device = resolve_device(args.device)
     cores = args.max_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                  else os.cpu_count() or 1)

@@ -5,14 +5,12 @@ regression, above 1 + threshold a gain; `--fail-on-regression` turns a regressio
 """
 from __future__ import annotations
 
-from rich.console import Console
-
 from benchmarks.machine import describe
-from benchmarks.report import load_results, print_table
+from benchmarks.report import load_results, make_console, print_table
 
 KEY = ("backend", "split", "res", "workers", "batch_size")
 COLUMNS = {"backend": "backend", "split": "split", "res": "res", "workers": "workers",
-           "batch_size": "batch", "a": "A", "b": "B", "ratio": "B/A", "status": "status"}
+           "batch_size": "batch", "a": "A", "b": "B", "ratio": "B/A", "status": "status", "note": "note"}
 
 
 def row_key(row: dict) -> tuple:
@@ -26,8 +24,9 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], metric: str = "img_per_
     by_b = {row_key(row): row for row in rows_b}
     compared = []
     for key in dict.fromkeys([*by_a, *by_b]):
-        a, b = by_a.get(key, {}).get(metric), by_b.get(key, {}).get(metric)
-        entry = dict(zip(KEY, key), a=a, b=b, ratio=None)
+        row_a = by_a.get(key, {})
+        a, b = row_a.get(metric), by_b.get(key, {}).get(metric)
+        entry = dict(zip(KEY, key), a=a, b=b, ratio=None, note="")
         if a is None or b is None:
             entry["status"] = "only in A" if b is None else "only in B"
         elif a <= 0:
@@ -36,6 +35,9 @@ def compare_rows(rows_a: list[dict], rows_b: list[dict], metric: str = "img_per_
             entry["ratio"] = round(b / a, 3)
             entry["status"] = ("regression" if entry["ratio"] < 1 - threshold
                                else "gain" if entry["ratio"] > 1 + threshold else "same")
+            low, high = row_a.get(f"{metric}_min"), row_a.get(f"{metric}_max")
+            if entry["status"] != "same" and low is not None and high is not None and low <= b <= high:
+                entry["note"] = "in A's range"   # B's median inside A's min-max: maybe noise
         compared.append(entry)
     return compared
 
@@ -52,7 +54,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if not 0 <= args.threshold < 1:
         raise SystemExit(f"error: --threshold must be in [0, 1), got {args.threshold}")
-    console = Console()
+    console = make_console()
     payload_a, payload_b = load_results(args.a), load_results(args.b)
     compared = compare_rows(payload_a["results"], payload_b["results"], args.metric, args.threshold)
     if not compared:

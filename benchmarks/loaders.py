@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.machine import machine_info
-from benchmarks.report import TABLE_COLUMNS, print_table, write_report
+from benchmarks.report import TABLE_COLUMNS, make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 
 BASELINE = "torch"
@@ -253,7 +253,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    console = Console()
+    console = make_console()
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]
     if BASELINE not in backends:
         backends.append(BASELINE)

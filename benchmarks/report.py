@@ -23,6 +23,12 @@ TABLE_COLUMNS = {
 }
 
 
+def make_console() -> Console:
+    """A terminal-width console, but wide enough that tables in logs and pipes are not squeezed to 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
+
+
 def format_value(value, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -54,7 +60,7 @@ def rich_table(rows: list[dict], columns: dict[str, str], title: str | None = No
 
 def print_table(rows: list[dict], columns: dict[str, str] | None = None, title: str | None = None,
                 console: Console | None = None) -> None:
-    (console or Console()).print(rich_table(rows, columns or TABLE_COLUMNS, title))
+    (console or make_console()).print(rich_table(rows, columns or TABLE_COLUMNS, title))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -10,10 +10,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
-
 from benchmarks.machine import machine_info
-from benchmarks.report import print_table, write_report
+from benchmarks.report import make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 
 COLUMNS = {"backend": "feed", "res": "res", "workers": "workers", "batch_size": "batch",
@@ -51,37 +49,31 @@ class TrainStep:
 
 
 def amp_dtype(amp: str, device: str):
+    """The trainer's rule: auto is bf16 (fp16 without bf16 support) on CUDA and off on CPU."""
     import torch
 
-    if device != "cuda" or amp == "off":
-        return None
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def build_train_step(config, num_classes: int, device: str) -> TrainStep:
     """The config's model, SGD/AdamW and AMP setting on `device` (compiled only on CUDA, as the trainer)."""
     import torch
 
-    from fastpipe.model import build_model, parameter_groups
+    from fastpipe.model import build_model
+    from fastpipe.optim import build_optimizer
 
     model = build_model(config.model.arch, num_classes, blurpool=config.model.blurpool,
                         zero_init_residual=config.model.zero_init_residual).to(device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    groups = parameter_groups(model, config.optim.weight_decay)
-    lr = 0.1 if config.optim.lr == "auto" else config.optim.lr   # the rate does not change the step's cost
-    if config.optim.name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=lr)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=config.optim.momentum,
-                                    nesterov=config.optim.nesterov)
-    if device == "cuda" and config.model.compile in (True, "auto"):
+    optimizer = build_optimizer(model, config)   # the trainer's; its LR does not change a step's cost
+    if config.model.compile is True or (device == "cuda" and config.model.compile == "auto"):
         model = torch.compile(model)
     dtype = amp_dtype(config.train.amp, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype is not None else nullcontext
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     return TrainStep(model, optimizer, autocast, scaler, config.model.channels_last, device)
 
@@ -157,7 +149,7 @@ def run(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     if args.steps < 1:
         raise SystemExit("error: --steps must be at least 1")
-    console = Console()
+    console = make_console()
     device = resolve_device(args.device)
     resolution = args.res or config.schedule_for_resolution().resolution_at(0)
     batch_size = args.batch_size or config.data.batch_size

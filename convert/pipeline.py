@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import platform
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ from rich.text import Text
 
 from convert.sources import ConvertError, Source
 from convert.validate import BadImage, check_image
-from convert.write import BetonJob, WriteSettings, WriterProcess, die_with_parent
+from convert.write import BetonJob, WriteSettings, WriterProcess, die_with_parent, process_context
 from fastpipe.data.beton import MANIFEST_FORMAT, MANIFEST_NAME, BetonError, check_beton, fsync_dir, \
     read_manifest, sha256_file, write_json_atomic
 
@@ -154,7 +153,7 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
     _remove_stale_temporaries(out)
     temporaries = {split: out / f".{split}.beton.{os.getpid()}.tmp" for split in SPLITS}
     splits = {}
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker) if workers > 1 else None
+    pool = process_context().Pool(workers, initializer=_init_pool_worker) if workers > 1 else None
     try:
         with WriterProcess(workers) as writer, make_progress(console) as progress:
             jobs = []

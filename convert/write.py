@@ -1,7 +1,7 @@
 """Write validated samples into .beton files with FFCV's DatasetWriter, under a watchdog.
 
-FFCV is imported only in a forked writer process: its import (numba, torch) overlaps validation, and
-a writer that crashes or hangs is killed with all its workers instead of hanging the converter.
+FFCV runs in a separate writer process (started from a clean forkserver, see `process_context`), so its
+slow import overlaps validation and a writer that crashes or hangs is killed with all its workers.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -109,21 +110,45 @@ class CleanImages:
         return image, label
 
 
+def process_context():
+    """Processes start from a forkserver with FFCV preloaded. Plain fork would copy the caller's thread
+    state: after the caller has used OpenCV's thread pool, cv2 calls in a forked child can hang forever
+    (the converter is also called from test and benchmark processes). The forkserver is clean, starts
+    once per process, and pays FFCV's import (~6 s) once."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["convert.pipeline", "ffcv.writer", "ffcv.fields"])
+    return ctx
+
+
 def warm_ffcv() -> None:
-    """Compile FFCV's numba-typed mode table once here: each forked writer worker would otherwise
-    compile it again (about 1 s per worker per beton)."""
+    """Compile FFCV's numba-typed mode table in the writer: each of FFCV's (forked) workers would
+    otherwise compile it again, about 1 s per worker per beton."""
     from ffcv.fields.rgb_image import IMAGE_MODES
 
     for mode in ("jpg", "raw"):
         IMAGE_MODES[mode]
 
 
-def _writer_main(todo, events, progress, failures, failure_message, workers: int) -> None:
+def exit_when_closed(lifeline) -> None:
+    """Block until the converter's end of `lifeline` closes (it exited or was killed), then exit at once;
+    FFCV's workers follow through die_with_parent. The forkserver parent may take seconds to go."""
+    try:
+        lifeline.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def _writer_main(todo, events, progress, failures, failure_message, workers: int, lifeline) -> None:
     die_with_parent()
+    threading.Thread(target=exit_when_closed, args=(lifeline,), daemon=True).start()
     try:
         import cv2
 
         cv2.setNumThreads(1)
+        # FFCV hands the dataset to its workers by forking (this process is clean, so that is safe);
+        # a forkserver-started process would otherwise default to forkserver and fail to pickle it.
+        mp.set_start_method("fork", force=True)
         import ffcv.writer
         from ffcv.fields import IntField, RGBImageField
 
@@ -181,17 +206,18 @@ def check_written(job: BetonJob) -> None:
 
 
 class WriterProcess:
-    """One forked process running FFCV's DatasetWriter; start it early so FFCV's slow import overlaps
+    """One process running FFCV's DatasetWriter; start it early so FFCV's slow import overlaps
     validation. Use as a context manager: leaving it kills the process tree and removes unfinished files."""
 
     def __init__(self, workers: int):
-        ctx = mp.get_context("fork")         # FFCV hands the dataset to its workers by forking
+        ctx = process_context()
+        lifeline, self.lifeline = ctx.Pipe(duplex=False)     # only this process holds the sending end
         self.todo, self.events = ctx.Queue(), ctx.Queue()
         self.progress, self.failures = ctx.Value("Q", 0), ctx.Value("Q", 0)
         self.failure_message = ctx.Array("c", FAILURE_MESSAGE_BYTES)
         self.process = ctx.Process(target=_writer_main, name="beton-writer",
                                    args=(self.todo, self.events, self.progress, self.failures,
-                                         self.failure_message, workers))
+                                         self.failure_message, workers, lifeline))
         self.pending: list[BetonJob] = []
 
     def __enter__(self) -> "WriterProcess":

@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -314,7 +315,9 @@ class Trainer:
             skipped = scale is not None and self.scaler.get_scale() < scale
         self.global_step += 1
         if self.global_step < self.total_steps:   # also on skipped steps: the LR follows the step count
-            self.scheduler.step()
+            with warnings.catch_warnings():   # torch warns when a skipped first step precedes this
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         if self.bad_steps >= self.config.train.max_nonfinite_steps:
             raise TrainingError(
@@ -387,7 +390,8 @@ class Trainer:
 
     def interrupted(self, plan) -> int:
         name = signal.Signals(self.stop.signum).name if self.stop else "a signal"
-        self.report.log(f"{name} received: saved {self.run_dir / 'last.pt'} at epoch {plan.epoch + 1}. "
+        state = f"epoch {plan.epoch + 1}, step {self.global_step - sum(p.steps for p in self.plans[:plan.epoch])}"
+        self.report.log(f"{name} received: saved {self.run_dir / 'last.pt'} at {state}. "
                         f"Resume with: python -m fastpipe.train --resume {self.run_dir}")
         self.report.close()
         return 0

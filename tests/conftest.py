@@ -22,15 +22,6 @@ BETON_MAX_RESOLUTION = 96
 
 
 @pytest.fixture(scope="session")
-def ffcv_warm():
-    """Import FFCV once in the test process: converter writer processes are forked from it and then
-    start without re-importing FFCV (a ~6 s numba/torch import each time)."""
-    from convert.write import warm_ffcv
-
-    warm_ffcv()
-
-
-@pytest.fixture(scope="session")
 def quiet_console() -> Console:
     return Console(quiet=True)
 
@@ -46,7 +37,7 @@ def synthetic_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def betons(synthetic_folder, tmp_path_factory, ffcv_warm, quiet_console) -> Path:
+def betons(synthetic_folder, tmp_path_factory, quiet_console) -> Path:
     from convert.pipeline import convert_source
     from convert.sources import find_samples
     from convert.write import WriteSettings

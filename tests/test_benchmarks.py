@@ -6,9 +6,9 @@ import csv
 import json
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 from benchmarks.__main__ import main
 from benchmarks.compare import compare_rows
@@ -194,7 +194,7 @@ def test_autotune_stays_in_budget_and_writes_settings_that_run(betons, tmp_path)
 
     config_path = write_config(tmp_path / "tiny.toml", betons)
     tuned_path = tmp_path / "autotune.toml"
-    budget = 8.0
+    budget = 6.0
     code = main(["autotune", "--config", str(config_path), "--budget-s", str(budget), "--out", str(tuned_path),
                  "--device", "cpu", "--min-batch-size", "4", "--max-batch-size", "16"])
     assert code == 0
@@ -215,7 +215,7 @@ def test_autotune_stays_in_budget_and_writes_settings_that_run(betons, tmp_path)
 def test_train_step_reports_the_data_stall_ratio(betons, tmp_path):
     config_path = write_config(tmp_path / "tiny.toml", betons)
     out = tmp_path / "train-step"
-    assert main(["train-step", "--config", str(config_path), "--steps", "2", "--backends", "torch",
+    assert main(["train-step", "--config", str(config_path), "--steps", "1", "--backends", "torch",
                  "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads((out / "results.json").read_text())
     feeds = {row["backend"]: row for row in payload["results"]}
@@ -223,3 +223,44 @@ def test_train_step_reports_the_data_stall_ratio(betons, tmp_path):
     assert feeds["synthetic"]["ratio_to_synthetic"] == 1.0
     assert feeds["torch"]["ratio_to_synthetic"] == pytest.approx(
         feeds["torch"]["img_per_s"] / feeds["synthetic"]["img_per_s"], rel=1e-2)
+
+
+def test_autotune_with_no_time_left_keeps_the_config_values_and_says_so(betons, tmp_path):
+    config_path = write_config(tmp_path / "tiny.toml", betons)
+    tuned_path = tmp_path / "autotune.toml"
+    assert main(["autotune", "--config", str(config_path), "--budget-s", "0.01", "--out", str(tuned_path),
+                 "--device", "cpu"]) == 0
+    report = json.loads(tuned_path.with_suffix(".json").read_text())
+    assert [trial["phase"] for trial in report["trials"]] == ["warm-up"]   # nothing measured after it
+    assert report["notes"] and all("budget" in note for note in report["notes"])
+    assert "partial" in tuned_path.read_text()
+    assert tomllib.loads(tuned_path.read_text())["data"] == {"workers": 1, "batch_size": 8}
+
+
+def test_tuned_batch_sizes_go_into_each_resolution_stage(betons, tmp_path):
+    from benchmarks.autotune import PhaseResult, tuned_values, write_tune_file
+    from benchmarks.search import SearchResult
+    from fastpipe.config import load_config
+
+    stages = [{"epochs": 2, "resolution": 64, "batch_size": 8}, {"epochs": 1, "resolution": 96}]
+    config = load_config(write_config(tmp_path / "tiny.toml", betons),
+                         overrides={"resolution": {"stages": stages}, "schedule": {"epochs": 3}})
+    phases = [PhaseResult("loader", 64, SearchResult((("workers", 2),), 900.0)),
+              PhaseResult("batch", 64, SearchResult(64, 50.0)),
+              PhaseResult("loader", 96, SearchResult((("workers", 1),), 500.0)),
+              PhaseResult("batch", 96, SearchResult(32, 20.0))]
+    values = tuned_values(config, phases)
+    # workers from the resolution most epochs train at; one data.batch_size that fits the largest one
+    assert values["data"] == {"workers": 2, "batch_size": 32}
+    assert [stage["batch_size"] for stage in values["resolution"]["stages"]] == [64, 32]
+    write_tune_file(tmp_path / "tune.toml", values, ["header"])
+    tuned = load_config(tmp_path / "tiny.toml", overrides={"schedule": {"epochs": 3}}, tune=tmp_path / "tune.toml")
+    schedule = tuned.schedule_for_resolution()
+    assert [schedule.batch_size_at(epoch) for epoch in range(3)] == [64, 64, 32]
+
+
+def test_convert_subcommand_hands_its_arguments_to_the_converter_benchmark(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    assert "python -m benchmarks convert" in capsys.readouterr().out

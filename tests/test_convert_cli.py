@@ -61,7 +61,7 @@ def test_imagenet_mini_without_data_says_where_it_is_expected(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_synthetic_then_folder_then_verify(tmp_path, capsys, ffcv_warm):
+def test_cli_synthetic_then_folder_then_verify(tmp_path, capsys):
     images, out = tmp_path / "images", tmp_path / "betons"
     assert main(["synthetic", "--out", str(images), "--classes", "3", "--per-class", "5",
                  "--min-size", "40", "--max-size", "70", "--workers", "1"]) == 0

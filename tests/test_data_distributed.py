@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from data_helpers import write_dataset
 
 # torch shards with the same LoaderBase.epoch_order as dali (checked equal in test_data_loaders);
@@ -29,8 +28,9 @@ def read_shards(rank: int, data: str, port: int, out: str) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from fastpipe.data import build_loader
     from test_data_loaders import sample_ids
+
+    from fastpipe.data import build_loader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

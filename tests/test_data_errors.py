@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from data_helpers import write_dataset
 
 import fastpipe.data
-from data_helpers import write_dataset
 from fastpipe.data import available_backends, build_loader
 from fastpipe.data.beton import BetonError, write_json_atomic
 from fastpipe.data.device import Normalizer, denormalize, resolve_device
@@ -89,6 +89,11 @@ def test_resolution_and_batch_size_setters_reject_bad_values(data_dir):
     assert (loader.resolution, loader.batch_size) == (32, 2)
 
 
+def test_distributed_without_a_process_group_says_how_to_start_one(data_dir):
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        build_loader("torch", data_dir, "train", batch_size=2, resolution=32, workers=1, distributed=True)
+
+
 def test_unknown_backend_lists_the_choices(data_dir):
     with pytest.raises(ValueError, match=r"Unknown loader backend 'tfdata'.*dali.*ffcv.*torch"):
         build_loader("tfdata", data_dir)
@@ -134,3 +139,12 @@ def test_normalizer_matches_imagenet_normalisation_and_keeps_channels_last(dtype
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(denormalize(out), images.float(), atol=255 * tolerance, rtol=0)
+
+
+def test_importing_fastpipe_data_loads_no_backend_library():
+    import subprocess
+    import sys
+    code = ("import sys, fastpipe.data; "
+            "print([m for m in ('ffcv', 'nvidia.dali', 'torchvision', 'numba') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

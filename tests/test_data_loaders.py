@@ -11,8 +11,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from data_helpers import write_dataset
+
 from fastpipe.data import build_loader
 from fastpipe.data.beton import BetonSamples, read_manifest
 from fastpipe.data.device import IMAGENET_MEAN, IMAGENET_STD, denormalize
@@ -129,9 +129,13 @@ def test_a_shuffled_epoch_is_a_permutation_of_the_samples(coded_dir, backend):
 def test_resolution_and_batch_size_change_from_the_next_epoch(val_loaders, backend):
     loader = val_loaders[backend]
     try:
-        loader.set_resolution(48)
-        loader.set_batch_size(5)
-        images, labels = run_epoch(loader)
+        shapes = []
+        for images, _ in loader:
+            shapes.append(tuple(images.shape))
+            loader.set_resolution(48)   # mid-epoch: the running epoch keeps its size
+            loader.set_batch_size(5)
+        assert shapes == [(BATCH, 3, RES, RES)] * 2 + [(2, 3, RES, RES)]
+        images, _ = run_epoch(loader)
         assert [tuple(b.shape) for b in images] == [(5, 3, 48, 48)] * 3 + [(3, 3, 48, 48)]
         assert len(loader) == 4
         assert sample_ids(torch.cat(images), offset=TRAIN) == list(range(VAL))
@@ -194,3 +198,14 @@ def test_beton_samples_agree_with_ffcv_reader(betons):
     assert np.array_equal(ours.offset, theirs.metadata["f0"]["data_ptr"].astype(np.int64))
     sizes = dict(zip(theirs.alloc_table["ptr"].tolist(), theirs.alloc_table["size"].tolist()))
     assert ours.size.tolist() == [sizes[int(p)] for p in ours.offset]
+
+
+def test_sample_order_shards_pad_like_distributed_sampler_and_cover_everything():
+    from fastpipe.data.base import sample_order
+    shards = [sample_order(10, True, seed=0, epoch=2, rank=rank, world_size=3) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [4, 4, 4]   # ceil(10 / 3), padded with repeats
+    assert set(np.concatenate(shards).tolist()) == set(range(10))
+    assert sorted(sample_order(10, True, seed=0, epoch=2)) == list(range(10))
+    assert sample_order(10, False, seed=0, epoch=2).tolist() == list(range(10))
+    single = sample_order(10, True, seed=0, epoch=2, distributed=True)   # torchrun with one process
+    assert sorted(single) == list(range(10))

@@ -9,6 +9,7 @@ import torch
 
 from fastpipe.checkpoint import load_checkpoint
 from fastpipe.config import load_config
+from fastpipe.report import RunReport
 from fastpipe.train import Trainer, TrainingError, main
 
 TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--resolution.end=32",
@@ -17,6 +18,14 @@ TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--
 # whole image at aspect 1:2, which no synthetic image (aspect <= 16:9) allows, so every backend takes its
 # fixed centre-crop fallback instead of a randomly placed crop.
 DETERMINISTIC_DATA = ["--augment.min_scale=1.0", "--augment.ratio=[0.5, 0.5]", "--augment.flip=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_plots():
+    """PNG plots cost seconds per epoch and are test_report.py's subject; here they would only slow runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+        yield
 
 
 def tiny_config(betons, *extra):
@@ -30,7 +39,7 @@ def metrics(run_dir) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def trained_run(betons, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    assert Trainer(tiny_config(betons, "--schedule.epochs=3"), run_dir).fit() == 0
+    assert Trainer(tiny_config(betons), run_dir).fit() == 0
     return run_dir
 
 
@@ -39,12 +48,12 @@ def test_tiny_run_learns_well_above_chance_and_writes_its_outputs(trained_run):
     chance = 1 / 4
     assert summary["final_val_top1"] > 3 * chance
     history = metrics(trained_run)
-    assert list(history["epoch"]) == [1, 2, 3]
+    assert list(history["epoch"]) == [1, 2]
     assert history["data_wait_pct"].between(0, 100).all() and (history["images_per_second"] > 0).all()
     for name in ("config.toml", "model_summary.txt", "best.pt", "last.pt", "train.log", "predictions.csv"):
         assert (trained_run / name).is_file(), name
     last = load_checkpoint(trained_run / "last.pt")
-    assert last["epoch"] == 2 and last["completed"] and last["classes"] == ["class000", "class001", "class002",
+    assert last["epoch"] == 1 and last["completed"] and last["classes"] == ["class000", "class001", "class002",
                                                                             "class003"]
 
 
@@ -78,32 +87,34 @@ def test_resume_after_one_epoch_ends_bitwise_equal_to_an_uninterrupted_run(beton
     assert list(metrics(tmp_path / "resumed")["train_loss"]) == list(metrics(tmp_path / "straight")["train_loss"])
 
 
-def test_progressive_stages_change_loader_resolution_batch_size_and_scaled_lr(betons, tmp_path):
-    config = tiny_config(betons, "--optim.lr=auto", "--lr_finder.steps=8",
+def test_progressive_stages_change_resolution_batch_and_lr_compiling_once_per_shape(betons, tmp_path):
+    # aot_eager goes through dynamo's graph capture and guards like inductor, without C++ code generation.
+    config = tiny_config(betons, "--optim.lr=auto", "--lr_finder.steps=8", "--schedule.epochs=3",
+                         "--model.compile=true", "--model.compile_backend=aot_eager",
                          "--resolution.stages=[{epochs = 1, resolution = 32}, "
-                         "{epochs = 1, resolution = 48, batch_size = 8}]")
+                         "{epochs = 1, resolution = 48, batch_size = 8}, {epochs = 1, resolution = 32}]")
     trainer = Trainer(config, tmp_path / "run")
     seen = []
-    trainer.model.register_forward_pre_hook(
-        lambda module, args: seen.append(tuple(args[0].shape)) if module.training else None)
+
+    def record(module, args):
+        if module.training:
+            seen.append((tuple(args[0].shape), trainer.optimizer.param_groups[0]["max_lr"]))
+
+    trainer.model.register_forward_pre_hook(record)
     assert trainer.fit() == 0
 
-    assert set(seen[:6]) == {(16, 3, 32, 32)} and set(seen[6:]) == {(8, 3, 48, 48)}
-    assert len(seen) == 96 // 16 + 96 // 8
+    steps = [96 // 16, 96 // 8, 96 // 16]
+    assert len(seen) == sum(steps)
+    epochs = [seen[:6], seen[6:18], seen[18:]]
+    peak = trainer.peak_lr
+    for epoch, shape, lr_scale in ((0, (16, 3, 32, 32), 1), (1, (8, 3, 48, 48), 0.5), (2, (16, 3, 32, 32), 1)):
+        assert {shape_seen for shape_seen, _ in epochs[epoch]} == {shape}
+        # linear LR scaling: half the batch, half the one-cycle curve
+        assert all(max_lr == pytest.approx(peak * lr_scale) for _, max_lr in epochs[epoch])
     history = metrics(tmp_path / "run")
-    assert list(history["resolution"]) == [32, 48] and list(history["batch_size"]) == [16, 8]
-    group = trainer.optimizer.param_groups[0]
-    assert group["max_lr"] == pytest.approx(trainer.peak_lr * 8 / 16)   # linear scaling for the smaller batch
-    assert (tmp_path / "run" / "lr_finder.png").is_file() and trainer.peak_lr > 0
-
-
-def test_compiled_training_compiles_once_per_resolution_and_never_in_steady_state(betons, tmp_path):
-    # aot_eager goes through dynamo's graph capture and guards like inductor, without C++ code generation.
-    config = tiny_config(betons, "--model.compile=true", "--model.compile_backend=aot_eager",
-                         "--schedule.epochs=3",
-                         "--resolution.stages=[{epochs = 2, resolution = 32}, {epochs = 1, resolution = 48}]")
-    assert Trainer(config, tmp_path / "run").fit() == 0
-    assert list(metrics(tmp_path / "run")["graphs_compiled"]) == [1, 1, 2]
+    assert list(history["resolution"]) == [32, 48, 32] and list(history["batch_size"]) == [16, 8, 16]
+    assert list(history["graphs_compiled"]) == [1, 2, 2]   # a shape seen before reuses its graph
+    assert (tmp_path / "run" / "lr_finder.png").is_file() and peak > 0
 
 
 @pytest.mark.slow
@@ -117,12 +128,12 @@ def test_inductor_compiled_training_runs_on_cpu(betons, tmp_path):
 
 def test_non_finite_losses_skip_the_step_then_stop_naming_the_learning_rate(betons, tmp_path):
     trainer = Trainer(tiny_config(betons, "--train.max_nonfinite_steps=3"), tmp_path / "run")
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.criterion = lambda logits, targets: logits.float().mean() * float("nan")
     with pytest.raises(TrainingError, match="learning rate is probably too high"):
         trainer.fit()
     assert trainer.bad_steps == 3
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items() if "running" not in k)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
 
 
 def test_missing_data_message_gives_the_convert_command(tmp_path, capsys):

@@ -14,8 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from fastpipe.data.beton import read_manifest, split_info
-from fastpipe.data.device import (Normalizer, check_batch_size, check_dtype, check_resolution,
-                                  resolve_device)
+from fastpipe.data.device import Normalizer, check_batch_size, check_dtype, check_resolution, resolve_device
 
 VAL_CROP_RATIO = 224 / 256   # val: resize to res / 0.875, then centre-crop res
 
@@ -30,13 +29,14 @@ def rank_and_world(distributed: bool) -> tuple[int, int]:
 
 
 def sample_order(num_samples: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1) -> np.ndarray:
+                 world_size: int = 1, distributed: bool = False) -> np.ndarray:
     """Sample indices one rank reads in one epoch; the same rule as FFCV's RANDOM/SEQUENTIAL orders.
 
-    One process: a permutation from default_rng(seed + epoch). Several: torch's DistributedSampler
-    (pads with repeats when the count does not divide), which is what FFCV uses when distributed.
+    Not distributed: a permutation from default_rng(seed + epoch). Distributed (even with one
+    process): torch's DistributedSampler, which pads with repeats when the count does not divide,
+    as FFCV does.
     """
-    if world_size > 1:
+    if distributed or world_size > 1:
         sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
                                      shuffle=shuffle, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)
@@ -102,7 +102,8 @@ class LoaderBase:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Indices of this rank's epoch, trimmed to whole batches when drop_last."""
-        order = sample_order(self.num_samples, self.shuffle, self.seed, epoch, self.rank, self.world_size)
+        order = sample_order(self.num_samples, self.shuffle, self.seed, epoch, self.rank, self.world_size,
+                             self.distributed)
         return order[:len(self) * self.batch_size]
 
     def finish(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

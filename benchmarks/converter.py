@@ -1,0 +1,222 @@
+"""Converter benchmark: conversion images/s with 1 and with all workers, the storage table (write mode x
+max resolution: beton size, FFCV loader img/s vs torchvision's ImageFolder path), and peak memory of a
+conversion at two data set sizes. Run `python -m benchmarks convert --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+
+from benchmarks.machine import describe, machine_info
+from benchmarks.report import markdown_table, rich_table, write_csv
+
+THROUGHPUT_COLUMNS = {"workers": "workers", "images": "images", "seconds": "seconds", "img_per_s": "img/s",
+                      "speedup": "x 1 worker"}
+STORAGE_COLUMNS = {"write_mode": "write mode", "max_resolution": "max res", "size_mb": "train MB",
+                   "kb_per_image": "KB/img", "convert_img_per_s": "convert img/s",
+                   "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch"}
+MEMORY_COLUMNS = {"images": "images", "seconds": "seconds", "max_process_rss_mb": "max process RSS MB",
+                  "tree_rss_mb": "tree RSS MB (sum)"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="runs/bench/converter-data",
+                        help="scratch folder for the synthetic set and betons (default: %(default)s)")
+    parser.add_argument("--out", default="runs/bench/converter", help="report folder (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=1000, help="synthetic images (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="'all workers' (default: all cores)")
+    parser.add_argument("--modes", default="raw,proportion,jpg", help="write modes for the storage table")
+    parser.add_argument("--resolutions", default="256,512", help="max resolutions for the storage table")
+    parser.add_argument("--loader-res", type=int, default=160)
+    parser.add_argument("--loader-workers", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=40, help="timed loader batches per case")
+    parser.add_argument("--rss-sizes", default="2000,8000", help="data set sizes for the memory rows")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: throughput,storage,memory")
+    return parser.parse_args(argv)
+
+
+def synthetic_set(folder: Path, images: int, classes: int) -> Path:
+    """A flat ImageFolder of `images` synthetic JPEGs (kept between runs)."""
+    from convert.synthetic import make_synthetic
+
+    per_class = max(1, images // classes)
+    if len(list(folder.rglob("*.JPEG"))) != per_class * classes:
+        make_synthetic(folder, classes=classes, per_class=per_class, seed=0)
+    return folder
+
+
+def linked_set(base: Path, folder: Path, images: int) -> Path:
+    """`images` hard links cycling over the files of `base`: a bigger data set at no disk cost."""
+    sources = sorted(base.rglob("*.JPEG"))
+    if len(list(folder.rglob("*.JPEG"))) != images:
+        for index in range(images):
+            source = sources[index % len(sources)]
+            target = folder / source.parent.name / f"link{index:06d}.JPEG"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                os.link(source, target)
+    return folder
+
+
+def convert_once(source, out: Path, settings, workers: int) -> tuple[float, dict]:
+    from convert.pipeline import convert_source
+
+    start = time.perf_counter()
+    manifest = convert_source(source, out, settings, settings, workers=workers, force=True,
+                              console=Console(quiet=True))
+    return time.perf_counter() - start, manifest
+
+
+def throughput_rows(source, work: Path, workers: int) -> list[dict]:
+    from convert.write import WriteSettings
+
+    images = sum(len(items) for items in source.splits.values())
+    convert_once(source, work / "warmup", WriteSettings(), workers)     # starts the forkserver (FFCV import)
+    rows = []
+    for count in dict.fromkeys((1, workers)):
+        seconds, _ = convert_once(source, work / f"workers{count}", WriteSettings(), count)
+        rows.append({"table": "throughput", "workers": count, "images": images, "seconds": round(seconds, 2),
+                     "img_per_s": images / seconds})
+    for row in rows:
+        row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
+    return rows
+
+
+def loader_img_per_s(backend: str, data: Path, args) -> float:
+    from benchmarks.loaders import measure_batches
+    from fastpipe.data import build_loader
+
+    loader = build_loader(backend, data=data, split="train", batch_size=args.batch_size,
+                          resolution=args.loader_res, workers=args.loader_workers, device="cpu")
+    return measure_batches(loader, "cpu", args.batches, warmup_batches=4)
+
+
+def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict], float | None]:
+    from convert.write import WriteSettings
+
+    rows, torch_img_per_s = [], None
+    for mode in args.modes.split(","):
+        for resolution in map(int, args.resolutions.split(",")):
+            out = work / f"{mode}-{resolution}"
+            seconds, manifest = convert_once(source, out, WriteSettings(write_mode=mode, max_resolution=resolution),
+                                             args.workers)
+            train = manifest["splits"]["train"]
+            row = {"table": "storage", "write_mode": mode, "max_resolution": resolution,
+                   "size_mb": train["size_bytes"] / 2**20, "kb_per_image": train["size_bytes"] / 1024 / train["written"],
+                   "convert_img_per_s": (train["written"] + manifest["splits"]["val"]["written"]) / seconds}
+            try:
+                row["loader_img_per_s"] = loader_img_per_s("ffcv", out, args)
+                if torch_img_per_s is None:
+                    torch_img_per_s = loader_img_per_s("torch", out, args)
+                row["ratio_to_torch"] = row["loader_img_per_s"] / torch_img_per_s
+            except Exception as err:      # a loader that cannot run here leaves its columns empty
+                console.print(f"loader measurement failed for {mode}@{resolution}: {err}")
+            rows.append(row)
+            console.print(f"  {mode}@{resolution}: {row['size_mb']:.1f} MB, "
+                          f"FFCV {row.get('loader_img_per_s', float('nan')):,.0f} img/s")
+    return rows, torch_img_per_s
+
+
+def peak_memory(src: Path, out: Path, workers: int) -> dict:
+    """Run `python -m convert folder` in a wrapper process; report the largest single process RSS
+    (getrusage of the wrapper's children) and the peak of the summed RSS of the whole process tree."""
+    wrapper = ("import resource, subprocess, sys; "
+               "code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    command = [sys.executable, "-c", wrapper, sys.executable, "-m", "convert", "folder", str(src), "--out", str(out),
+               "--force", "--workers", str(workers)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            total = 0
+            try:
+                for member in [root, *root.children(recursive=True)]:
+                    total += member.memory_info().rss
+            except psutil.Error:
+                pass
+            peak[0] = max(peak[0], total)
+            time.sleep(0.1)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = process.communicate()
+    sampler.join()
+    if process.returncode:
+        raise RuntimeError(f"conversion of {src} failed with exit code {process.returncode}")
+    max_rss_kb = int(output.strip().splitlines()[-1])
+    return {"max_process_rss_mb": max_rss_kb / 1024, "tree_rss_mb": peak[0] / 2**20,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convert.sources import find_samples
+
+    args = parse_args(argv)
+    console = Console()
+    skip = set(filter(None, args.skip.split(",")))
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"synthetic set: {args.images} images in {work / 'images'}")
+    source = find_samples(synthetic_set(work / "images", args.images, args.classes))
+    machine = machine_info()
+    rows, notes, sections = [], [f"Machine: {describe(machine)}."], []
+
+    if "throughput" not in skip:
+        console.print("conversion throughput ...")
+        table = throughput_rows(source, work / "betons", args.workers)
+        rows += table
+        sections.append(("Conversion throughput (validate + write, both splits)", table, THROUGHPUT_COLUMNS))
+    if "storage" not in skip:
+        console.print("storage table ...")
+        table, torch_img_per_s = storage_rows(source, work / "betons", args, console)
+        rows += table
+        sections.append((f"Storage: train beton size and FFCV loader img/s at {args.loader_res} px "
+                         f"({args.loader_workers} workers, batch {args.batch_size})", table, STORAGE_COLUMNS))
+        if torch_img_per_s:
+            notes.append(f"torchvision ImageFolder baseline (same images, same crop size): "
+                         f"{torch_img_per_s:,.0f} img/s.")
+    if "memory" not in skip:
+        console.print("peak memory ...")
+        table = []
+        for size in map(int, args.rss_sizes.split(",")):
+            src = linked_set(work / "images", work / f"linked-{size}", size)
+            table.append({"table": "memory", "images": size, **peak_memory(src, work / "betons" / f"rss-{size}",
+                                                                           args.workers)})
+        rows += table
+        sections.append(("Peak memory of `python -m convert folder`", table, MEMORY_COLUMNS))
+        notes.append("Tree RSS sums every process of the converter (forked workers share pages, so it "
+                     "over-counts); max process RSS is the largest single process (getrusage).")
+
+    payload = {"machine": machine, "settings": vars(args), "results": rows, "notes": notes}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_csv(out / "results.csv", rows)
+    parts = ["# Converter benchmark", "", f"Command: `python -m benchmarks convert {' '.join(argv or sys.argv[2:])}`", ""]
+    for title, table, columns in sections:
+        console.print(rich_table(table, columns, title))
+        parts += [f"## {title}", "", markdown_table(table, columns), ""]
+    parts += ["Notes:", "", *(f"- {note}" for note in notes), ""]
+    (out / "results.md").write_text("\n".join(parts))
+    for note in notes:
+        console.print(note)
+    console.print(f"report: {out / 'results.md'}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
