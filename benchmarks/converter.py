@@ -25,7 +25,7 @@ STORAGE_COLUMNS = {"write_mode": "write mode", "max_resolution": "max res", "siz
                    "kb_per_image": "KB/img", "convert_img_per_s": "convert img/s",
                    "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch"}
 MEMORY_COLUMNS = {"images": "images", "seconds": "seconds", "max_process_rss_mb": "max process RSS MB",
-                  "tree_rss_mb": "tree RSS MB (sum)"}
+                  "tree_pss_mb": "tree PSS MB"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,7 +121,7 @@ def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict]
                 if torch_img_per_s is None:
                     torch_img_per_s = loader_img_per_s("torch", out, args)
                 row["ratio_to_torch"] = row["loader_img_per_s"] / torch_img_per_s
-            except Exception as err:      # a loader that cannot run here leaves its columns empty
+            except Exception as err:  # noqa: BLE001 - a loader that cannot run here leaves its columns empty
                 console.print(f"loader measurement failed for {mode}@{resolution}: {err}")
             rows.append(row)
             console.print(f"  {mode}@{resolution}: {row['size_mb']:.1f} MB, "
@@ -131,14 +131,15 @@ def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict]
 
 def peak_memory(src: Path, out: Path, workers: int) -> dict:
     """Run `python -m convert folder` in a wrapper process; report the largest single process RSS
-    (getrusage of the wrapper's children) and the peak of the summed RSS of the whole process tree."""
+    (getrusage of the wrapper's children) and the peak proportional set size (PSS: shared pages split
+    between the processes sharing them) summed over the whole process tree, sampled every 0.3 s."""
     wrapper = ("import resource, subprocess, sys; "
                "code = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
     command = [sys.executable, "-c", wrapper, sys.executable, "-m", "convert", "folder", str(src), "--out", str(out),
                "--force", "--workers", str(workers)]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
     def sample() -> None:
@@ -147,19 +148,19 @@ def peak_memory(src: Path, out: Path, workers: int) -> dict:
             total = 0
             try:
                 for member in [root, *root.children(recursive=True)]:
-                    total += member.memory_info().rss
+                    total += member.memory_full_info().pss
             except psutil.Error:
                 pass
             peak[0] = max(peak[0], total)
-            time.sleep(0.1)
+            time.sleep(0.3)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    output, _ = process.communicate()
+    output, errors = process.communicate()
     sampler.join()
     if process.returncode:
-        raise RuntimeError(f"conversion of {src} failed with exit code {process.returncode}")
+        raise RuntimeError(f"conversion of {src} failed with exit code {process.returncode}:\n{errors[-2000:]}")
     max_rss_kb = int(output.strip().splitlines()[-1])
-    return {"max_process_rss_mb": max_rss_kb / 1024, "tree_rss_mb": peak[0] / 2**20,
+    return {"max_process_rss_mb": max_rss_kb / 1024, "tree_pss_mb": peak[0] / 2**20,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print("storage table ...")
         table, torch_img_per_s = storage_rows(source, work / "betons", args, console)
         rows += table
-        sections.append((f"Storage: train beton size and FFCV loader img/s at {args.loader_res} px "
-                         f"({args.loader_workers} workers, batch {args.batch_size})", table, STORAGE_COLUMNS))
+        title = (f"Storage: train beton size and FFCV loader img/s at {args.loader_res} px "
+                 f"({args.loader_workers} workers, batch {args.batch_size})")
+        sections.append((title, table, STORAGE_COLUMNS))
         if torch_img_per_s:
             notes.append(f"torchvision ImageFolder baseline (same images, same crop size): "
                          f"{torch_img_per_s:,.0f} img/s.")
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                            args.workers)})
         rows += table
         sections.append(("Peak memory of `python -m convert folder`", table, MEMORY_COLUMNS))
-        notes.append("Tree RSS sums every process of the converter (forked workers share pages, so it "
-                     "over-counts); max process RSS is the largest single process (getrusage).")
+        notes.append("Max process RSS: the largest single process of the converter (getrusage; torch, "
+                     "numba and FFCV loaded). Tree PSS: all its processes together, shared pages counted once.")
 
     payload = {"machine": machine, "settings": vars(args), "results": rows, "notes": notes}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

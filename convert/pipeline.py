@@ -15,15 +15,29 @@ from pathlib import Path
 
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-    TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from convert.sources import ConvertError, Source
 from convert.validate import BadImage, check_image
-from convert.write import BetonJob, WriteSettings, WriterProcess, die_with_parent, process_context
-from fastpipe.data.beton import MANIFEST_FORMAT, MANIFEST_NAME, BetonError, check_beton, fsync_dir, \
-    read_manifest, sha256_file, write_json_atomic
+from convert.write import BetonJob, WriterProcess, WriteSettings, die_with_parent, process_context
+from fastpipe.data.beton import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    BetonError,
+    check_beton,
+    fsync_dir,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 
 SPLITS = ("train", "val")
 SHOWN_REASONS = 5
@@ -127,6 +141,11 @@ def image_stats(items: list[tuple[str, int, int, int]]) -> dict:
             "mean_width": round(sum(widths) / len(widths), 1), "mean_height": round(sum(heights) / len(heights), 1)}
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     for path in out.glob(".*.beton.*.tmp"):
         pid = path.name.rsplit(".", 2)[-2]
@@ -148,8 +167,6 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
         console.print(f"Up to date: {out} already holds betons for these inputs and options; nothing to do "
                       f"(use --force to rewrite).")
         return existing
-    # A partial state must never pair new betons with an old manifest: drop the manifest first.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
     _remove_stale_temporaries(out)
     temporaries = {split: out / f".{split}.beton.{os.getpid()}.tmp" for split in SPLITS}
     splits = {}
@@ -161,7 +178,7 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
                 items = source.splits[split]
                 task = progress.add_task(f"check {split}", total=len(items))
                 good, skipped = validate_split(pool, items, settings[split], strict, source.root,
-                                               lambda: progress.advance(task))
+                                               lambda task=task: progress.advance(task))
                 if not good:
                     reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped[:3])
                     raise ConvertError(f"No usable images in the {split} split of {source.root} "
@@ -183,6 +200,10 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
                 "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
                 "samples": [[Path(file).relative_to(source.root).as_posix(), label] for file, label, _, _ in good],
                 "settings": settings_record(settings[split]), "image_stats": image_stats(good)}
+        for path in temporaries.values():
+            fsync_file(path)
+        # Never pair new betons with an old manifest: between here and the new manifest there is none.
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         for split in SPLITS:
             os.replace(temporaries[split], out / f"{split}.beton")
         fsync_dir(out)

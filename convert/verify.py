@@ -6,9 +6,9 @@ with numpy (mirroring ffcv.types) and decodes with cv2.imdecode, which reports e
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np

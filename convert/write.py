@@ -1,7 +1,7 @@
 """Write validated samples into .beton files with FFCV's DatasetWriter, under a watchdog.
 
-FFCV runs in a separate writer process (started from a clean forkserver, see `process_context`), so its
-slow import overlaps validation and a writer that crashes or hangs is killed with all its workers.
+FFCV runs in a separate writer process (started from a clean forkserver, see `process_context`), so a
+writer that crashes or hangs is killed with all its workers instead of hanging the converter.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -97,7 +97,7 @@ class CleanImages:
             image = load_image(path, self.job.settings.max_resolution)
             if image.shape[:2] != (height, width):
                 raise ValueError(f"size changed to {image.shape[1]}x{image.shape[0]} since validation")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a raise here would hang FFCV
             image = np.zeros((height, width, 3), np.uint8)
             with self.failures.get_lock():
                 if self.failures.value == 0:
@@ -175,7 +175,7 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
             writer.from_indexed_dataset(CleanImages(job, progress, failures, failure_message), chunksize=chunk)
             progress.value = 0
             events.put(("done", job.split))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - report anything, then exit
         events.put(("error", traceback.format_exc(limit=4)))
         sys.exit(1)
 
@@ -206,8 +206,8 @@ def check_written(job: BetonJob) -> None:
 
 
 class WriterProcess:
-    """One process running FFCV's DatasetWriter; start it early so FFCV's slow import overlaps
-    validation. Use as a context manager: leaving it kills the process tree and removes unfinished files."""
+    """One process running FFCV's DatasetWriter, fed jobs through a queue and watched from here. Use as a
+    context manager: leaving it kills the process tree and removes unfinished files."""
 
     def __init__(self, workers: int):
         ctx = process_context()
@@ -220,7 +220,7 @@ class WriterProcess:
                                          self.failure_message, workers, lifeline))
         self.pending: list[BetonJob] = []
 
-    def __enter__(self) -> "WriterProcess":
+    def __enter__(self):
         self.process.start()
         return self
 

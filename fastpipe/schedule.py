@@ -13,7 +13,8 @@ MIN_RESOLUTION = 16
 
 
 def round_to(value: float, multiple: int) -> int:
-    return int(max(multiple, round(value / multiple) * multiple))
+    # floor(x + 0.5) rather than round(): banker's rounding makes uneven steps on a ramp
+    return int(max(multiple, np.floor(value / multiple + 0.5) * multiple))
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class Stage:
 
 @dataclass(frozen=True)
 class ResolutionSchedule:
-    """Which resolution and batch size each epoch trains at. Epochs count from 0."""
+    """Which resolution and batch size each epoch trains at. Epochs count from 0.
+
+    Ramp: `start` up to epoch `ramp_start`, `end` from epoch `ramp_end`, linear in between rounded to
+    `multiple`. `ramp_start == ramp_end > 0` is a step; both 0 means no ramp (`start` throughout).
+    """
     start: int = 160
     end: int = 192
     ramp_start: int = 0
@@ -42,6 +47,10 @@ class ResolutionSchedule:
             raise ValueError("batch size must be at least 1")
         if any(s.epochs < 1 for s in self.stages):
             raise ValueError("every resolution stage needs at least 1 epoch")
+        if self.multiple < 1:
+            raise ValueError(f"resolution.multiple must be at least 1 (got {self.multiple})")
+        if self.ramp_start < 0:
+            raise ValueError(f"resolution.ramp_start must be >= 0 (got {self.ramp_start})")
         if self.ramp_end < self.ramp_start:
             raise ValueError(f"resolution.ramp_end ({self.ramp_end}) is before ramp_start ({self.ramp_start})")
 
@@ -59,8 +68,13 @@ class ResolutionSchedule:
         stage = self._stage(epoch)
         if stage is not None:
             return stage.resolution
-        if self.ramp_end == self.ramp_start:   # a step: start before ramp_start, end from it on
-            return self.start if epoch < self.ramp_start else self.end
+        if self.ramp_start == self.ramp_end == 0:   # no ramp configured: `start` throughout
+            return self.start
+        # `start` and `end` are used exactly; only the epochs strictly inside the ramp are rounded
+        if epoch < self.ramp_start or (epoch == self.ramp_start < self.ramp_end):
+            return self.start
+        if epoch >= self.ramp_end:
+            return self.end
         value = np.interp(epoch, [self.ramp_start, self.ramp_end], [self.start, self.end])
         return round_to(float(value), self.multiple)
 

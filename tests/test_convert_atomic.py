@@ -17,7 +17,7 @@ import pytest
 from convert.pipeline import convert_source
 from convert.sources import ConvertError, find_samples
 from convert.validate import check_image
-from convert.write import BetonJob, WriteSettings, WriterProcess
+from convert.write import BetonJob, WriterProcess, WriteSettings
 
 
 def job_items(folder: Path, repeat: int) -> list[tuple[str, int, int, int]]:
@@ -78,10 +78,9 @@ def test_a_crashed_ffcv_worker_is_stopped_by_the_watchdog(synthetic_folder, tmp_
             time.sleep(0.005)
 
     started = time.monotonic()
-    with pytest.raises(ConvertError, match="no progress for 3 s"):
-        with WriterProcess(workers=2) as writer:
-            threading.Thread(target=kill_one_ffcv_worker, args=(writer,), daemon=True).start()
-            writer.write([job], stall_timeout=3)
+    with pytest.raises(ConvertError, match="no progress for 3 s"), WriterProcess(workers=2) as writer:
+        threading.Thread(target=kill_one_ffcv_worker, args=(writer,), daemon=True).start()
+        writer.write([job], stall_timeout=3)
     assert time.monotonic() - started < 120
     assert not path.exists()
     assert not writer.process.is_alive()
@@ -92,7 +91,6 @@ def test_a_file_that_changes_during_the_write_fails_the_run(synthetic_folder, tm
     changed, _, width, height = items[3]
     items[3] = (changed, 0, width + 1, height)          # as if the file was replaced after validation
     path = tmp_path / ".val.beton.tmp"
-    with pytest.raises(ConvertError, match=f"{Path(changed).name}: size changed"):
-        with WriterProcess(workers=2) as writer:
-            writer.write([BetonJob("val", path, items, WriteSettings(max_resolution=96))])
+    with pytest.raises(ConvertError, match=f"{Path(changed).name}: size changed"), WriterProcess(workers=2) as writer:
+        writer.write([BetonJob("val", path, items, WriteSettings(max_resolution=96))])
     assert not path.exists()

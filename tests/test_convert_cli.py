@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_PER_CLASS, SYNTHETIC_VAL_PER_CLASS
 from PIL import Image
 
-from conftest import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_PER_CLASS, SYNTHETIC_VAL_PER_CLASS
 from convert.__main__ import main
 from convert.synthetic import make_synthetic
 

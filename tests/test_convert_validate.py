@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import gradient, write_bad_images
 from PIL import Image
 
-from conftest import gradient, write_bad_images
 from convert.validate import BadImage, capped_size, check_image, load_image, sniff_format
 
 MAX_RESOLUTION, MIN_SIDE = 96, 8

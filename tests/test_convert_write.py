@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import gradient, write_bad_images
 from PIL import Image
 from rich.console import Console
 
-from conftest import gradient, write_bad_images
 from convert.pipeline import convert_source, fingerprint
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, find_samples
 from convert.verify import iter_samples, verify
@@ -154,6 +154,15 @@ def test_strict_mode_stops_at_the_first_bad_file_and_writes_nothing(bad_source, 
     with pytest.raises(ConvertError, match="--strict"):
         run(root, out, strict=True)
     assert not list(out.iterdir())
+
+
+def test_a_failed_rerun_keeps_the_previous_output_intact(coded_folder, bad_source, tmp_path):
+    out = tmp_path / "out"
+    run(coded_folder, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(ConvertError, match="--strict"):
+        run(bad_source[0], out, strict=True, force=True)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_manifest_records_settings_versions_and_checksums(betons):

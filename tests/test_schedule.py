@@ -71,3 +71,27 @@ def test_module_functions_agree_with_the_methods():
 def test_invalid_schedules_are_rejected_with_a_reason(arguments, message):
     with pytest.raises(ValueError, match=message):
         ResolutionSchedule(**arguments)
+
+
+def test_ramp_without_epochs_keeps_start():
+    schedule = ResolutionSchedule(start=160, end=192)
+    assert [schedule.resolution_at(e) for e in range(3)] == [160, 160, 160]
+
+
+def test_ramp_ends_are_exact_even_off_the_multiple():
+    schedule = ResolutionSchedule(start=176, end=208, ramp_start=2, ramp_end=6)
+    assert schedule.resolution_at(2) == 176
+    assert schedule.resolution_at(6) == 208
+    assert schedule.resolution_at(9) == 208
+
+
+def test_ramp_steps_are_even():
+    schedule = ResolutionSchedule(start=128, end=256, ramp_start=0, ramp_end=8)
+    # 16 px per epoch interpolated, rounded half-up to 32: no banker's-rounding stalls
+    assert [schedule.resolution_at(e) for e in range(9)] == [128, 160, 160, 192, 192, 224, 224, 256, 256]
+
+
+@pytest.mark.parametrize("kwargs", [dict(multiple=0), dict(ramp_start=-1, ramp_end=2)])
+def test_bad_ramp_settings_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        ResolutionSchedule(**kwargs)
