@@ -27,7 +27,7 @@ TRIAL_COLUMNS = {"phase": "phase", "res": "res", "setting": "setting", "rung": "
 
 
 class MemoryLimitExceeded(RuntimeError):
-    pass
+    """A CPU training step's peak RSS went over --memory-limit-gb: the batch size "does not fit"."""
 
 
 @dataclass
@@ -67,7 +67,7 @@ def batch_sizes(smallest: int, largest: int) -> list[int]:
 
 
 def loader_rate(config, res: int, setting: tuple, batches: int, device: str) -> float:
-    from benchmarks.loaders import measure_batches
+    from benchmarks.measure import measure_batches
     from fastpipe.data import build_loader
 
     values = dict(setting)
@@ -261,7 +261,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from benchmarks.loaders import resolve_device, unavailable_backends
+    from benchmarks.loaders import unavailable_backends
+    from benchmarks.measure import resolve_device
     from benchmarks.train_step import build_train_step
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest

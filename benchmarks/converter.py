@@ -18,9 +18,10 @@ from rich.console import Console
 
 from benchmarks.machine import describe, machine_info
 from benchmarks.report import markdown_table, rich_table, write_csv
+from benchmarks.resources import ResourceSampler
 
 THROUGHPUT_COLUMNS = {"workers": "workers", "images": "images", "seconds": "seconds", "img_per_s": "img/s",
-                      "speedup": "x 1 worker"}
+                      "speedup": "x 1 worker", "cpu_util_pct": "CPU % of all cores"}
 STORAGE_COLUMNS = {"write_mode": "write mode", "max_resolution": "max res", "size_mb": "train MB",
                    "kb_per_image": "KB/img", "convert_img_per_s": "convert img/s",
                    "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch"}
@@ -86,9 +87,10 @@ def throughput_rows(source, work: Path, workers: int) -> list[dict]:
     convert_once(source, work / "warmup", WriteSettings(), workers)     # starts the forkserver (FFCV import)
     rows = []
     for count in dict.fromkeys((1, workers)):
-        seconds, _ = convert_once(source, work / f"workers{count}", WriteSettings(), count)
+        with ResourceSampler() as usage:     # low CPU % with many workers would mean a serial bottleneck
+            seconds, _ = convert_once(source, work / f"workers{count}", WriteSettings(), count)
         rows.append({"table": "throughput", "workers": count, "images": images, "seconds": round(seconds, 2),
-                     "img_per_s": images / seconds})
+                     "img_per_s": images / seconds, "cpu_util_pct": usage.cpu_util_pct})
     for row in rows:
         row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
     return rows

@@ -1,15 +1,17 @@
 """`python -m benchmarks loaders`: img/s of every backend x resolution x workers on one converted data set.
 
-A warm-up epoch (FFCV compiles with numba, DALI builds its pipeline, torch spawns workers) is timed
-separately and excluded; the row reports the median of the timed epochs with min and max.
+Each combination runs in a fresh process. A warm-up epoch (FFCV compiles with numba, DALI builds its
+pipeline, torch spawns workers) is timed separately and excluded; the row reports the median of the
+timed epochs with min and max.
 """
 from __future__ import annotations
 
 import ast
 import gc
 import itertools
+import multiprocessing
 import statistics
-import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.machine import machine_info
+from benchmarks.measure import device_name, resolve_device, time_epoch
 from benchmarks.report import TABLE_COLUMNS, make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 
@@ -29,6 +32,7 @@ LEGEND = [
     ("PSS MB: proportional set size of the same tree at the end of the fullest timed epoch "
      "(shared pages split between processes)"),
     "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
+    "each row runs in its own fresh process unless --no-isolate was given (see settings)",
 ]
 
 
@@ -66,70 +70,6 @@ def parse_backend_options(pairs: list[str] | None) -> dict[str, dict]:
             value = raw   # plain strings need no quotes
         options.setdefault(backend, {})[name] = value
     return options
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but torch sees no GPU; use --device cpu.")
-    return device
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
-
-
-def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None) -> tuple[int, float]:
-    """Iterate one epoch (or `max_batches`); returns (images, seconds)."""
-    import torch
-
-    images = 0
-    start = time.perf_counter()
-    iterator = iter(loader)
-    for index, (_, labels) in enumerate(iterator):
-        images += int(labels.shape[0])
-        if on_batch is not None:
-            on_batch()
-        if max_batches is not None and index + 1 >= max_batches:
-            break
-    if device == "cuda":
-        torch.cuda.synchronize()   # batches are handed over asynchronously; count only finished work
-    seconds = time.perf_counter() - start
-    del iterator
-    return images, seconds
-
-
-def cycle_epochs(loader, first_epoch: int = 0):
-    """Endless batches from a loader, one `set_epoch` per pass (for measurements longer than an epoch)."""
-    epoch = first_epoch
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def measure_batches(loader, device: str, batches: int, warmup_batches: int = 2) -> float:
-    """img/s over `batches` batches after `warmup_batches` untimed ones, crossing epochs if needed."""
-    import torch
-
-    stream = cycle_epochs(loader)
-    try:
-        for _ in range(warmup_batches):
-            next(stream)
-        images = 0
-        start = time.perf_counter()
-        for _ in range(batches):
-            images += int(next(stream)[1].shape[0])
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return images / (time.perf_counter() - start)
-    finally:
-        stream.close()
 
 
 def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: int,
@@ -206,9 +146,23 @@ def unavailable_backends(backends: list[str]) -> dict[str, str]:
             for name in backends if name not in available}
 
 
+def measure_isolated(case: LoaderCase, data: str, device: str, epochs: int, warmup: int,
+                     options: dict | None, max_batches: int | None) -> dict:
+    """`measure_case` in a fresh spawned process: no memory, JIT caches or threads left by earlier cases.
+
+    Forked loader workers copy the parent's pages, so in one long process every later backend's
+    memory figures grow with what earlier ones left behind; a process per case keeps rows comparable.
+    """
+    context = multiprocessing.get_context("spawn")
+    # A crashing child (FFCV aborts inside OpenCV on a bad file) raises BrokenProcessPool, never hangs.
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure_case, case, data, device, epochs, warmup, options, None,
+                           max_batches).result()
+
+
 def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warmup: int,
-              options: dict[str, dict], console: Console,
-              max_batches: int | None = None) -> tuple[list[dict], list[str], int]:
+              options: dict[str, dict], console: Console, max_batches: int | None = None,
+              isolate: bool = True) -> tuple[list[dict], list[str], int]:
     """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
     rows, notes, failures = [], [], 0
     skipped = unavailable_backends(sorted({case.backend for case in cases}))
@@ -220,9 +174,14 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
     with Progress(*columns, console=console, transient=True) as progress:
         overall = progress.add_task("loader benchmark", total=len(runnable))
         for case in runnable:
+            progress.update(overall, description=f"{case.backend} {case.res}px, {case.workers} workers")
             try:
-                rows.append(measure_case(case, data, device, epochs, warmup, options.get(case.backend),
-                                         progress, max_batches))
+                if isolate:
+                    rows.append(measure_isolated(case, data, device, epochs, warmup, options.get(case.backend),
+                                                 max_batches))
+                else:
+                    rows.append(measure_case(case, data, device, epochs, warmup, options.get(case.backend),
+                                             progress, max_batches))
             except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the rest
                 failures += 1
                 message = (f"{case.backend} res={case.res} workers={case.workers}: failed: "
@@ -245,6 +204,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs per combination")
     parser.add_argument("--max-batches", type=int, help="cap each epoch at this many batches (large sets)")
     parser.add_argument("--split", default="train", choices=["train", "val"])
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run every case in this process (faster start; memory figures then include "
+                             "what earlier cases left behind)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--option", action="append", metavar="BACKEND.NAME=VALUE",
                         help="backend option passed to build_loader, e.g. dali.hw_decoder_load=0.7")
@@ -272,12 +234,13 @@ def run(args) -> int:
     cases = [LoaderCase(backend, res, count, args.batch_size, args.split)
              for backend, res, count in itertools.product(backends, resolutions, workers)]
     rows, notes, failures = run_cases(cases, args.data, device, args.epochs, args.warmup, options, console,
-                                      args.max_batches)
+                                      args.max_batches, args.isolate)
     payload = {
         "benchmark": "loaders",
         "machine": machine_info(),
         "settings": {"data": str(Path(args.data).resolve()), "split": args.split, "epochs": args.epochs,
-                     "warmup": args.warmup, "max_batches": args.max_batches, "device": device,
+                     "warmup": args.warmup, "max_batches": args.max_batches, "isolated": args.isolate,
+                     "device": device,
                      "backends": backends},
         "results": rows,
         "legend": LEGEND,

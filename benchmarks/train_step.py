@@ -114,7 +114,7 @@ def synthetic_rate(step: TrainStep, batch_size: int, resolution: int, num_classe
 
 
 def loader_rate(step: TrainStep, loader, steps: int, warmup: int = 1) -> float:
-    from benchmarks.loaders import cycle_epochs
+    from benchmarks.measure import cycle_epochs
 
     batches = cycle_epochs(loader)
     try:
@@ -139,7 +139,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from benchmarks.loaders import device_name, resolve_device, unavailable_backends
+    from benchmarks.loaders import unavailable_backends
+    from benchmarks.measure import device_name, resolve_device
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Tuple, Union
+from typing import Literal, Union
+
+import tomllib
 
 from fastpipe.schedule import ResolutionSchedule, Stage
 
@@ -48,7 +49,7 @@ class ResolutionConfig:
 class AugmentConfig:
     min_scale: float = 0.08
     max_scale: float = 1.0
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)   # aspect-ratio range of the random crops
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)   # aspect-ratio range of the random crops
     flip: bool = True
     mixup: float = 0.0                   # Beta(alpha, alpha) of v2.MixUp; 0 turns it off
     cutmix: float = 0.0                  # Beta(alpha, alpha) of v2.CutMix; 0 turns it off
@@ -57,7 +58,7 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
-    compile: Union[bool, Literal["auto"]] = "auto"    # auto: on for CUDA, off for CPU
+    compile: bool | Literal["auto"] = "auto"    # auto: on for CUDA, off for CPU
     compile_backend: str = "inductor"                 # torch.compile backend ("aot_eager" to debug)
     channels_last: bool = True
     blurpool: bool = True
@@ -68,7 +69,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: Union[float, Literal["auto"]] = 0.5     # peak LR for a global batch of data.batch_size; scaled
+    lr: float | Literal["auto"] = 0.5     # peak LR for a global batch of data.batch_size; scaled
                                                 # linearly with stage batch sizes and processes;
                                                 # "auto" runs the LR finder
     momentum: float = 0.9                        # also the peak of momentum cycling (minimum: 0.85x)
@@ -211,9 +212,8 @@ def _coerce(name: str, value, kind):
         args = typing.get_args(kind)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    elif kind is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce_stage(f"{name}[{i}]", s) for i, s in enumerate(value))
+    elif kind is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce_stage(f"{name}[{i}]", s) for i, s in enumerate(value))
     raise ConfigError(f"Config key '{name}' expects {_describe(kind)}, got {type(value).__name__} {value!r}.")
 
 

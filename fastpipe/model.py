@@ -30,7 +30,7 @@ class BlurPoolConv2d(nn.Conv2d):
         self.register_buffer("blur", kernel.expand(self.in_channels, 1, 3, 3).clone(), persistent=False)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "BlurPoolConv2d":
+    def from_conv(cls, conv: nn.Conv2d) -> BlurPoolConv2d:
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
         new.load_state_dict(conv.state_dict())
@@ -145,13 +145,13 @@ def summarize(model: nn.Module, resolution: int, *, device: torch.device | str =
     for name, child in model.named_children():
         params = sum(p.numel() for p in child.parameters())
         flops = sum(per_module.get(f"{root}.{name}", {}).values())
-        lines.append(f"{name:<12} {type(child).__name__:<18} {str(shapes.get(name, '-')):<20} "
+        lines.append(f"{name:<12} {type(child).__name__:<18} {shapes.get(name, '-')!s:<20} "
                      f"{params:>12,} {flops / 1e9:>10.3f}")
     total_flops = counter.get_total_flops()
     total, trainable = count_parameters(model)
     lines += ["", f"parameters: {total:,} ({trainable:,} trainable)",
-              f"forward FLOPs per image at {resolution}px: {total_flops / 1e9:.3f} G "
-              f"(training step ~3x: {3 * total_flops / 1e9:.3f} G)"]
+              (f"forward FLOPs per image at {resolution}px: {total_flops / 1e9:.3f} G "
+               f"(training step ~3x: {3 * total_flops / 1e9:.3f} G)")]
     return "\n".join(lines), total_flops
 
 

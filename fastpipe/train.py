@@ -24,10 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from fastpipe import distributed as dist_utils
-from fastpipe.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from fastpipe.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from fastpipe.config import Config, ConfigError, load_config, to_toml
 from fastpipe.data.beton import BetonError
-from fastpipe.model import (apply_freeze, build_model, compile_model, load_weights, set_train_mode, summarize)
+from fastpipe.model import apply_freeze, build_model, compile_model, load_weights, set_train_mode, summarize
 from fastpipe.optim import build_optimizer, build_scheduler, plan_epochs, rescale_lr
 
 CHECKPOINT_FORMAT = 1
@@ -86,7 +92,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -125,7 +131,6 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | os.PathLike, *, resume: bool = False,
                  init_from: str | os.PathLike | None = None):
-        from fastpipe.data import build_loader
         from fastpipe.report import RunReport
 
         self.config, self.run_dir = config, Path(run_dir)
@@ -141,9 +146,31 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(config))
         self.report = RunReport(self.run_dir, enabled=self.main, resume=resume)
+        self._build_loaders()
+        self._build_model(init_from=None if resume else init_from)
+        self.optimizer = build_optimizer(self.model, config)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+        self.mix = build_mix(config, len(self.classes))
+        self.scaler = self.precision.scaler
+        self.stop = StopRequest()
+        self.global_step, self.start_epoch, self.skip_steps = 0, 0, 0
+        self.best_top1, self.epochs_since_best, self.bad_steps = -1.0, 0, 0
+        self.last_eval = None
+        if state is not None:
+            self.peak_lr = float(state["peak_lr"])
+        else:
+            self.peak_lr = self.find_lr() if config.optim.lr == "auto" else float(config.optim.lr)
+        self.total_steps = sum(p.steps for p in self.plans)
+        self.scheduler = build_scheduler(self.optimizer, config, self.peak_lr, self.total_steps)
+        self.lr_scale = 1.0
+        if state is not None:
+            self.load_state(state)
 
-        # Data: sharded train loader on every rank; evaluation runs on rank 0 over the whole val split.
-        data, aug = config.data, config.augment
+    def _build_loaders(self) -> None:
+        """Sharded train loader on every rank; evaluation runs on rank 0 over the whole val split."""
+        from fastpipe.data import build_loader
+
+        config, data, aug = self.config, self.config.data, self.config.augment
         if aug.max_scale != 1.0:
             raise ConfigError("augment.max_scale other than 1.0 is not supported by the loaders yet.")
         common = dict(backend=data.backend, data=data.path, workers=data.workers, device=str(self.device),
@@ -151,8 +178,8 @@ class Trainer:
         self.schedule = config.schedule_for_resolution()
         self.train_loader = build_loader(split="train", batch_size=self.schedule.batch_size_at(0),
                                          resolution=self.schedule.resolution_at(0), shuffle=True, drop_last=True,
-                                         distributed=self.dist.enabled, min_scale=aug.min_scale, ratio=aug.ratio, flip=aug.flip,
-                                         **common)
+                                         distributed=self.dist.enabled, min_scale=aug.min_scale, ratio=aug.ratio,
+                                         flip=aug.flip, **common)
         self.val_loader = build_loader(split="val", batch_size=data.val_batch_size or data.batch_size,
                                        resolution=config.resolution.val, shuffle=False, drop_last=False,
                                        distributed=False, **common) if self.main else None
@@ -164,10 +191,13 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from err
 
-        # Model: raw module for eval and checkpoints; `train_model` adds DDP and torch.compile.
+    def _build_model(self, init_from) -> None:
+        """`model`: the plain module, used for evaluation and checkpoints; `train_model`: the same
+        weights behind DDP and torch.compile, used for training steps."""
+        config = self.config
         self.model = build_model(config.model.arch, len(self.classes), blurpool=config.model.blurpool,
                                  zero_init_residual=config.model.zero_init_residual)
-        if init_from and not resume:
+        if init_from:
             source = Path(init_from) / "best.pt" if Path(init_from).is_dir() else Path(init_from)
             reset = load_weights(self.model, load_checkpoint(source)["model"])
             self.report.log(f"initialised from {init_from}; freshly initialised: {', '.join(reset) or 'none'}")
@@ -186,24 +216,6 @@ class Trainer:
         self.compile_counter = None
         if use_compile:
             self.train_model, self.compile_counter = compile_model(self.train_model, config.model.compile_backend)
-
-        self.optimizer = build_optimizer(self.model, config)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-        self.mix = build_mix(config, len(self.classes))
-        self.scaler = self.precision.scaler
-        self.stop = StopRequest()
-        self.global_step, self.start_epoch, self.skip_steps = 0, 0, 0
-        self.best_top1, self.epochs_since_best, self.bad_steps = -1.0, 0, 0
-        self.last_eval = None
-        if state is not None:
-            self.peak_lr = float(state["peak_lr"])
-        else:
-            self.peak_lr = self.find_lr() if config.optim.lr == "auto" else float(config.optim.lr)
-        self.total_steps = sum(p.steps for p in self.plans)
-        self.scheduler = build_scheduler(self.optimizer, config, self.peak_lr, self.total_steps)
-        self.lr_scale = 1.0
-        if state is not None:
-            self.load_state(state)
 
     # ---------------------------------------------------------------------------------------------- run
     def fit(self) -> int:
@@ -269,6 +281,11 @@ class Trainer:
                 except StopIteration:
                     raise TrainingError(f"The loader ended after {step} of {plan.steps} batches in epoch "
                                         f"{plan.epoch}; the data changed under the run?") from None
+                except Exception:
+                    if not self.stop:   # Ctrl-C also reaches loader worker processes, which then exit
+                        raise
+                    self.save("last.pt", epoch=plan.epoch, completed=False, step=step)
+                    return None
                 wait += time.perf_counter() - wait_start
                 loss_value, batch_correct, stop = self.train_step(images, labels)
                 if math.isfinite(loss_value):
@@ -316,7 +333,7 @@ class Trainer:
         self.global_step += 1
         if self.global_step < self.total_steps:   # also on skipped steps: the LR follows the step count
             with warnings.catch_warnings():   # torch warns when a skipped first step precedes this
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 self.scheduler.step()
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         if self.bad_steps >= self.config.train.max_nonfinite_steps:

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastpipe.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
-                                 save_checkpoint)
+from fastpipe.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from fastpipe.model import build_model
 
 

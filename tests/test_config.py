@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 
 import pytest
+import tomllib
 
 from fastpipe.config import CONFIG_DIR, Config, ConfigError, from_dict, load_config, parse_overrides, to_toml
 from fastpipe.train import main

@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from fastpipe.config import load_config
-from fastpipe.model import (BlurPoolConv2d, apply_freeze, build_model, load_weights, parameter_groups,
-                            set_train_mode, summarize)
+from fastpipe.model import (
+    BlurPoolConv2d,
+    apply_freeze,
+    build_model,
+    load_weights,
+    parameter_groups,
+    set_train_mode,
+    summarize,
+)
 from fastpipe.optim import build_optimizer, build_scheduler, plan_epochs, rescale_lr
 
 
@@ -65,8 +72,8 @@ def test_summary_counts_flops_growing_with_resolution():
 
 def test_epoch_plan_covers_stages_with_different_batch_sizes():
     config = load_config(None, ["--schedule.epochs=4", "--data.batch_size=32",
-                                "--resolution.stages=[{epochs = 2, resolution = 64}, "
-                                "{epochs = 2, resolution = 96, batch_size = 16}]"])
+                                ("--resolution.stages=[{epochs = 2, resolution = 64}, "
+                                 "{epochs = 2, resolution = 96, batch_size = 16}]")])
     plans = plan_epochs(config, samples_per_rank=100)
     assert [(p.resolution, p.batch_size, p.steps, p.lr_scale) for p in plans] == [
         (64, 32, 3, 1.0), (64, 32, 3, 1.0), (96, 16, 6, 0.5), (96, 16, 6, 0.5)]
