@@ -32,7 +32,7 @@ test: setup
 	$(VPY) -m pytest -q tests
 
 demo: setup
-	$(VPY) -m convert synthetic --out $(DEMO)/images --classes 10 --per-class 60
+	$(VPY) -m convert synthetic --out $(DEMO)/images --classes 10 --per-class 60 --val-per-class 12
 	$(VPY) -m convert folder $(DEMO)/images --out $(DEMO)/betons
 	$(VPY) -m fastpipe.train --config cpu-smoke.toml --data.path=$(DEMO)/betons --run.dir=runs/demo
 	$(VPY) -m benchmarks loaders --data $(DEMO)/betons --backends ffcv,dali,torch --res 128 \

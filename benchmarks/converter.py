@@ -96,13 +96,25 @@ def throughput_rows(source, work: Path, workers: int) -> list[dict]:
     return rows
 
 
-def loader_img_per_s(backend: str, data: Path, args) -> float:
-    from benchmarks.loaders import measure_batches
+def loader_img_per_s(backend: str, data: Path, args, warmup_batches: int = 4) -> float:
+    """Steady-state img/s of a train loader over `args.batches` batches (crossing epochs as needed),
+    after `warmup_batches` untimed ones (FFCV compiles its pipeline on the first)."""
     from fastpipe.data import build_loader
 
     loader = build_loader(backend, data=data, split="train", batch_size=args.batch_size,
                           resolution=args.loader_res, workers=args.loader_workers, device="cpu")
-    return measure_batches(loader, "cpu", args.batches, warmup_batches=4)
+    seen, images, start, epoch = 0, 0, 0.0, 0
+    while True:
+        loader.set_epoch(epoch)
+        for _, labels in loader:
+            seen += 1
+            if seen == warmup_batches:
+                start = time.perf_counter()
+            elif seen > warmup_batches:
+                images += int(labels.shape[0])
+                if seen == warmup_batches + args.batches:
+                    return images / (time.perf_counter() - start)
+        epoch += 1
 
 
 def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict], float | None]:

@@ -156,7 +156,10 @@ def _remove_stale_temporaries(out: Path) -> None:
 def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings, val: WriteSettings,
                    workers: int | None = None, strict: bool = False, force: bool = False,
                    stall_timeout: float = 300.0, console: Console | None = None) -> dict:
-    """Write OUT/train.beton, OUT/val.beton and OUT/manifest.json for `source`; returns the manifest."""
+    """Write OUT/train.beton, OUT/val.beton and OUT/manifest.json for `source`; returns the manifest.
+
+    Worker processes start from a forkserver, which re-imports the caller's main script: call this
+    from under `if __name__ == "__main__":` in scripts (the CLI, pytest and benchmarks already are)."""
     console = console or Console(stderr=True, soft_wrap=True)
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

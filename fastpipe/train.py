@@ -6,20 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-import random
 import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,40 +31,17 @@ from fastpipe.config import Config, ConfigError, load_config, to_toml
 from fastpipe.data.beton import BetonError
 from fastpipe.model import apply_freeze, build_model, compile_model, load_weights, set_train_mode, summarize
 from fastpipe.optim import build_optimizer, build_scheduler, plan_epochs, rescale_lr
+from fastpipe.runtime import (  # noqa: F401  (resolve_* and friends are also used via fastpipe.train)
+    Precision,
+    StopRequest,
+    TrainingError,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 
 CHECKPOINT_FORMAT = 1
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue; the message names the likely cause and the fix."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """One precision path for every dtype: an autocast factory (a nullcontext when off) and a scaler
-    that only does work for float16, whose narrow range needs loss scaling."""
-    name: str
-    dtype: torch.dtype
-    autocast: object
-    scaler: torch.amp.GradScaler
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is 'cuda' but torch sees no GPU here; use --train.device=cpu.")
-    return name
-
-
-def resolve_precision(amp: str, device_type: str) -> Precision:
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "off"
-    if amp == "off":
-        return Precision("off", torch.float32, nullcontext, torch.amp.GradScaler(device_type, enabled=False))
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return Precision(amp, dtype, partial(torch.autocast, device_type, dtype=dtype),
-                     torch.amp.GradScaler(device_type, enabled=amp == "fp16"))
 
 
 def build_mix(config: Config, num_classes: int):
@@ -80,46 +53,6 @@ def build_mix(config: Config, num_classes: int):
     if not choices:
         return None
     return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT handler that only records the signal; the loop acts on it between steps."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def install(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-
-
-def configure_backends(device_type: str, deterministic: bool) -> None:
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")   # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True          # TF32 convolutions
-        torch.backends.cudnn.benchmark = not deterministic
 
 
 def default_run_dir(config: Config) -> Path:
@@ -142,11 +75,12 @@ class Trainer:
         seed_everything(config.train.seed + self.dist.rank, config.train.deterministic)
         self.precision = resolve_precision(config.train.amp, self.device_type)
         state = load_checkpoint(self.run_dir / "last.pt") if resume else None
+        self._build_loaders()   # first: missing data fails before a run directory is created
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(config))
-        self.report = RunReport(self.run_dir, enabled=self.main, resume=resume)
-        self._build_loaders()
+            resolved = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(self.run_dir)))
+            (self.run_dir / "config.toml").write_text(to_toml(resolved))
+        self.report = RunReport(self.run_dir, self.classes, enabled=self.main, resume=resume)
         self._build_model(init_from=None if resume else init_from)
         self.optimizer = build_optimizer(self.model, config)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
@@ -184,7 +118,6 @@ class Trainer:
                                        resolution=config.resolution.val, shuffle=False, drop_last=False,
                                        distributed=False, **common) if self.main else None
         self.classes = list(self.train_loader.classes)
-        self.report.classes = self.classes
         samples = math.ceil(self.train_loader.num_samples / self.dist.world_size)
         try:
             self.plans = plan_epochs(config, samples, self.dist.world_size)
@@ -300,9 +233,10 @@ class Trainer:
                     self.save("last.pt", epoch=plan.epoch, completed=False, step=step + 1)
                     return None
         elapsed = time.perf_counter() - epoch_start
+        loss_sum, correct, seen = dist_utils.sum_over_ranks([loss_sum, float(correct), seen], self.device)
         compiled = {} if self.compile_counter is None else {"graphs_compiled": self.compile_counter.graphs}
         return {**compiled, "epoch": plan.epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                "train_top1": float(correct) / max(seen, 1), "lr": self.current_lr(),
+                "train_top1": correct / max(seen, 1), "lr": self.current_lr(),
                 "momentum": self.current_momentum(), "resolution": plan.resolution,
                 "batch_size": plan.batch_size,
                 "images_per_second": (plan.steps - skip) * plan.batch_size * self.dist.world_size / elapsed,

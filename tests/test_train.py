@@ -120,6 +120,16 @@ def test_progressive_stages_change_resolution_batch_and_lr_compiling_once_per_sh
     assert (tmp_path / "run" / "lr_finder.png").is_file() and peak > 0
 
 
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvement(betons, tmp_path):
+    trainer = Trainer(tiny_config(betons, "--schedule.epochs=4", "--train.early_stop_patience=1",
+                                  "--data.batch_size=32"), tmp_path / "run")
+    frozen = trainer.evaluate()
+    trainer.evaluate = lambda: frozen   # the same val accuracy every epoch: no improvement after the first
+    assert trainer.fit() == 0
+    assert list(metrics(tmp_path / "run")["epoch"]) == [1, 2]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"
+
+
 def test_non_finite_losses_skip_the_step_then_stop_naming_the_learning_rate(betons, tmp_path):
     trainer = Trainer(tiny_config(betons, "--train.max_nonfinite_steps=3"), tmp_path / "run")
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
@@ -143,3 +153,14 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(betons, tmp_path, capsy
     (run_dir / "last.pt").write_bytes(b"\x00" * 100)
     assert main(["--resume", str(run_dir)]) == 1
     assert "last.pt is corrupt or incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_defaults_compile_once_with_mixed_precision_and_report_data_wait(betons, tmp_path):
+    trainer = Trainer(tiny_config(betons, "--train.device=auto", "--model.compile=auto"), tmp_path / "run")
+    assert trainer.device.type == "cuda" and trainer.precision.name in ("bf16", "fp16")
+    assert trainer.fit() == 0
+    history = metrics(tmp_path / "run")
+    assert list(history["graphs_compiled"]) == [1, 1]
+    assert history["data_wait_pct"].between(0, 100).all()

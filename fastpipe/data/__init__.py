@@ -9,8 +9,10 @@ import importlib
 import importlib.util
 import inspect
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # torch costs ~2 s to import; `python -m convert` only needs fastpipe.data.beton
+    import torch
 
 # name -> (module, class, third-party package the backend needs)
 BACKENDS = {
@@ -40,7 +42,7 @@ def available_backends() -> list[str]:
 def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str = "train",
                  batch_size: int = 256, resolution: int = 160, workers: int = 8, device: str = "cpu",
                  shuffle: bool = True, drop_last: bool = True, normalize: bool = True,
-                 dtype: torch.dtype = torch.float32, seed: int = 0, distributed: bool = False,
+                 dtype: torch.dtype | None = None, seed: int = 0, distributed: bool = False,
                  min_scale: float = 0.08, ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  **backend_options):
     """Build a loader yielding (images NCHW channels_last, labels int64), both on `device`.
@@ -48,6 +50,9 @@ def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str
     backend_options go to the backend: ffcv (order, os_cache, batches_ahead), dali (hw_decoder_load,
     prefetch), torch (prefetch_factor).
     """
+    if dtype is None:
+        import torch
+        dtype = torch.float32
     if backend not in BACKENDS:
         raise ValueError(f"Unknown loader backend {backend!r}; choose one of {sorted(BACKENDS)} "
                          f"(installed here: {available_backends()}).")
