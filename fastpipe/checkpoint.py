@@ -95,7 +95,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's own message goes on to suggest weights_only=False: never right for a file we cannot parse
+        first_line = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"Checkpoint {path} is corrupt or incomplete and cannot be loaded ({first_line}). "
             f"Use the other checkpoint in that run (best.pt or last.pt) or start a new run.") from err

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 from fastpipe.schedule import ResolutionSchedule, Stage
 

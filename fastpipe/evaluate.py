@@ -113,7 +113,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     from fastpipe.data.beton import write_json_atomic
     from fastpipe.model import build_model
     from fastpipe.report import environment, eval_summary
-    from fastpipe.train import resolve_device, resolve_precision
+    from fastpipe.runtime import resolve_device, resolve_precision
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")

@@ -20,7 +20,7 @@ def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
     from fastpipe.data import build_loader
     from fastpipe.model import apply_freeze, build_model, compile_model
     from fastpipe.optim import build_optimizer, plan_epochs
-    from fastpipe.train import configure_backends, resolve_device, resolve_precision, seed_everything
+    from fastpipe.runtime import configure_backends, resolve_device, resolve_precision, seed_everything
 
     device = resolve_device(config.train.device)
     configure_backends(device, config.train.deterministic)
@@ -30,7 +30,8 @@ def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
     loader = build_loader(backend=data.backend, data=data.path, split="train", batch_size=schedule.batch_size_at(0),
                           resolution=schedule.resolution_at(0), workers=data.workers, device=device,
                           shuffle=True, drop_last=True, dtype=precision.dtype, seed=config.train.seed,
-                          min_scale=augment.min_scale, flip=augment.flip, **data.options)
+                          min_scale=augment.min_scale, ratio=augment.ratio, flip=augment.flip,
+                          **data.options)
     first_epoch = plan_epochs(config, loader.num_samples)[0]
 
     model = build_model(config.model.arch, len(loader.classes), blurpool=config.model.blurpool,

@@ -308,7 +308,8 @@ class Trainer:
                         f"{result.min_loss_div10 or float('nan'):.3g}, valley {result.valley or float('nan'):.3g}); "
                         f"see {self.run_dir / 'lr_finder.png'}")
         self.train_loader.set_epoch(0)
-        return float(suggestion)
+        # the sweep ran at the first stage's batch; peak_lr is defined for data.batch_size on one process
+        return float(suggestion) / self.plans[0].lr_scale
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self, name: str, *, epoch: int, completed: bool, step: int = 0) -> None:
