@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +47,13 @@ class TrainStep:
             torch.cuda.synchronize()
 
 
-def amp_dtype(amp: str, device: str):
-    """The trainer's rule: auto is bf16 (fp16 without bf16 support) on CUDA and off on CPU."""
-    import torch
-
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "off"
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 def build_train_step(config, num_classes: int, device: str) -> TrainStep:
     """The config's model, SGD/AdamW and AMP setting on `device` (compiled only on CUDA, as the trainer)."""
     import torch
 
     from fastpipe.model import build_model
     from fastpipe.optim import build_optimizer
+    from fastpipe.runtime import resolve_precision
 
     model = build_model(config.model.arch, num_classes, blurpool=config.model.blurpool,
                         zero_init_residual=config.model.zero_init_residual).to(device)
@@ -72,10 +63,8 @@ def build_train_step(config, num_classes: int, device: str) -> TrainStep:
     optimizer = build_optimizer(model, config)   # the trainer's; its LR does not change a step's cost
     if config.model.compile is True or (device == "cuda" and config.model.compile == "auto"):
         model = torch.compile(model)
-    dtype = amp_dtype(config.train.amp, device)
-    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    return TrainStep(model, optimizer, autocast, scaler, config.model.channels_last, device)
+    precision = resolve_precision(config.train.amp, device)   # the trainer's AMP rule and scaler
+    return TrainStep(model, optimizer, precision.autocast, precision.scaler, config.model.channels_last, device)
 
 
 def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str):
