@@ -17,6 +17,7 @@ import psutil
 from benchmarks.machine import describe, machine_info
 from benchmarks.report import make_console, print_table
 from benchmarks.search import Budget, SearchResult, Trial, successive_halving
+from fastpipe.config import toml_value
 
 # DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
 DALI_GPU_OPTIONS = {"prefetch": (2, 3), "hw_decoder_load": (0.0, 0.5, 0.75)}
@@ -178,21 +179,6 @@ def tuned_values(config, phases: list[PhaseResult]) -> dict:
                                               stage.get("batch_size", data["batch_size"]))}
             for stage in config.resolution.stages]}
     return values
-
-
-def toml_value(value) -> str:
-    # Hand-written: tomllib only reads TOML, and these files hold just numbers, strings and tables.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def write_tune_file(path: Path, values: dict, header: list[str]) -> None:

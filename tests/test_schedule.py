@@ -91,7 +91,7 @@ def test_ramp_steps_are_even():
     assert [schedule.resolution_at(e) for e in range(9)] == [128, 160, 160, 192, 192, 224, 224, 256, 256]
 
 
-@pytest.mark.parametrize("kwargs", [dict(multiple=0), dict(ramp_start=-1, ramp_end=2)])
+@pytest.mark.parametrize("kwargs", [{"multiple": 0}, {"ramp_start": -1, "ramp_end": 2}])
 def test_bad_ramp_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         ResolutionSchedule(**kwargs)

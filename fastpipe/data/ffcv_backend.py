@@ -5,6 +5,7 @@ loader's batch size: FFCV sizes its buffers when each epoch's iterator starts (f
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -13,6 +14,23 @@ from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import check_beton
 
 ORDERS = ("random", "quasi_random")
+
+
+def _quiet_numba_finalizer(previous_hook):
+    """numba 0.68 raises KeyError in a dispatcher finalizer when FFCV's compiled pipeline is freed.
+    It is harmless but prints a traceback per loader; drop exactly that one, pass on the rest."""
+    def hook(unraisable):
+        trace = unraisable.exc_traceback
+        while trace is not None and trace.tb_next is not None:
+            trace = trace.tb_next
+        where = trace.tb_frame.f_code.co_filename if trace is not None else ""
+        if unraisable.exc_type is KeyError and where.endswith("numba/core/dispatcher.py"):
+            return
+        previous_hook(unraisable)
+    return hook
+
+
+sys.unraisablehook = _quiet_numba_finalizer(sys.unraisablehook)
 
 
 class FFCVLoader(LoaderBase):
