@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastpipe.report import class_names, write_class_report, write_predictions  # noqa: F401 - public API
+from fastpipe.class_report import class_names, write_class_report, write_predictions  # noqa: F401 - public API
 
 
 @dataclass
@@ -108,11 +108,12 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
     from fastpipe.checkpoint import CheckpointError, load_checkpoint
+    from fastpipe.class_report import eval_summary
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data import build_loader
     from fastpipe.data.beton import write_json_atomic
     from fastpipe.model import build_model
-    from fastpipe.report import environment, eval_summary
+    from fastpipe.report import environment
     from fastpipe.runtime import resolve_device, resolve_precision
 
     if not (run_dir / "config.toml").is_file():

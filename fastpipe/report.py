@@ -1,4 +1,5 @@
-"""Run reports: console + train.log, metrics.csv, TensorBoard, log.md, PNG plots, summary.json, class report.
+"""Run reports: console + train.log, metrics.csv, TensorBoard, log.md, PNG plots, summary.json (the class
+report itself lives in fastpipe.class_report).
 
 Accuracies are fractions in [0, 1] everywhere (files, TensorBoard); the console and Markdown show percent.
 Only rank 0 should write: pass `enabled=False` elsewhere and every method does nothing.
@@ -19,6 +20,8 @@ from matplotlib.figure import Figure  # object API: thread-safe, no pyplot state
 from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
+from fastpipe.class_report import eval_summary, write_class_report
+
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
                "resolution", "batch_size", "images_per_second", "epoch_time_s", "data_wait_pct")
 TENSORBOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_top1": "accuracy/train_top1",
@@ -30,8 +33,6 @@ MARKDOWN_COLUMNS = [("epoch", "epoch", "{:.0f}"), ("train_loss", "train loss", "
                     ("batch_size", "batch", "{:.0f}"), ("images_per_second", "img/s", "{:,.0f}"),
                     ("epoch_time_s", "time (s)", "{:.1f}"), ("data_wait_pct", "data wait", "{:.1f}%")]
 PLOTS = ("loss", "accuracy", "lr", "momentum", "throughput", "resolution")
-FULL_MATRIX_MAX_CLASSES = 30  # above this the confusion image shows only the most confused classes
-TOP_CONFUSED_CLASSES = 20
 
 
 class RunReport:
@@ -197,127 +198,6 @@ def summarize(history: pd.DataFrame) -> dict:
         if key in history:
             out[name] = getattr(history[key], reduce)()
     return out
-
-
-def confusion_matrix(targets, preds, num_classes: int) -> np.ndarray:
-    """Counts with true classes as rows and predicted classes as columns."""
-    targets, preds = np.asarray(targets, dtype=np.int64), np.asarray(preds, dtype=np.int64)
-    return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, -1)
-
-
-def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Precision, recall, f1 and support per class (0 where a ratio has nothing to divide by)."""
-    correct = np.diag(matrix).astype(np.float64)
-    support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
-    precision = np.divide(correct, predicted, out=np.zeros_like(correct), where=predicted > 0)
-    recall = np.divide(correct, support, out=np.zeros_like(correct), where=support > 0)
-    total = precision + recall
-    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(correct), where=total > 0)
-    return pd.DataFrame({"class_index": np.arange(len(matrix)), "class": classes, "precision": precision,
-                         "recall": recall, "f1": f1, "support": support})
-
-
-def top_confusions(matrix: np.ndarray, classes: list[str], limit: int = 100) -> pd.DataFrame:
-    """The most frequent (true, predicted) mistakes, largest first."""
-    errors = matrix.copy()
-    np.fill_diagonal(errors, 0)
-    order = np.argsort(errors, axis=None, kind="stable")[::-1][:limit]
-    true, pred = np.unravel_index(order, errors.shape)
-    keep = errors[true, pred] > 0
-    true, pred = true[keep], pred[keep]
-    support = matrix.sum(axis=1)[true]
-    return pd.DataFrame({"true": [classes[i] for i in true], "predicted": [classes[i] for i in pred],
-                         "count": errors[true, pred], "share_of_true": errors[true, pred] / np.maximum(support, 1)})
-
-
-def class_names(classes, num_classes: int) -> list[str]:
-    if classes and len(classes) != num_classes:
-        raise ValueError(f"{len(classes)} class names for {num_classes} model outputs: the checkpoint and the "
-                         f"data set disagree (check data.path and the manifest's classes).")
-    return list(classes) if classes else [str(i) for i in range(num_classes)]
-
-
-def eval_summary(result, classes=None) -> dict:
-    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
-    table = per_class_table(confusion_matrix(result.targets, result.preds, result.num_classes), names)
-    return {"loss": result.loss, "top1": result.top1, "top5": result.top5, "topk": result.topk,
-            "count": result.count, "macro_precision": table["precision"].mean(),
-            "macro_recall": table["recall"].mean(), "macro_f1": table["f1"].mean()}
-
-
-def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -> Path:
-    """predictions.csv: one row per sample with path (or index), true, predicted (class names when known)
-    and confidence (softmax probability of the prediction). `sample_ids` defaults to result.sample_ids."""
-    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
-    if sample_ids is None:
-        sample_ids = getattr(result, "sample_ids", None)
-    if sample_ids is not None and len(sample_ids) != result.count:
-        raise ValueError(f"{len(sample_ids)} sample ids for {result.count} predictions: ids must follow the "
-                         f"loader's order (unshuffled, drop_last=False, one process).")
-    first = ("path", list(sample_ids)) if sample_ids is not None else ("index", np.arange(result.count))
-    frame = pd.DataFrame({first[0]: first[1], "true": [names[i] for i in result.targets],
-                          "predicted": [names[i] for i in result.preds], "confidence": result.confidences})
-    frame.to_csv(path, index=False, float_format="%.6f")
-    return Path(path)
-
-
-def write_class_report(out_dir: str | Path, result, classes=None, sample_ids=None) -> dict[str, Path]:
-    """predictions.csv, per_class.csv, top_confusions.csv and confusion_matrix.png in `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
-    matrix = confusion_matrix(result.targets, result.preds, result.num_classes)
-    paths = {"predictions": write_predictions(result, out_dir / "predictions.csv", sample_ids, names),
-             "per_class": out_dir / "per_class.csv", "top_confusions": out_dir / "top_confusions.csv",
-             "confusion_matrix": out_dir / "confusion_matrix.png"}
-    per_class_table(matrix, names).to_csv(paths["per_class"], index=False, float_format="%.6f")
-    top_confusions(matrix, names).to_csv(paths["top_confusions"], index=False, float_format="%.6f")
-    plot_confusion(matrix, names, paths["confusion_matrix"])
-    return paths
-
-
-def confused_subset(matrix: np.ndarray, limit: int = TOP_CONFUSED_CLASSES) -> np.ndarray:
-    """Indices of up to `limit` classes taking part in the largest off-diagonal counts."""
-    errors = matrix.copy()
-    np.fill_diagonal(errors, 0)
-    chosen: list[int] = []
-    for flat in np.argsort(errors, axis=None, kind="stable")[::-1]:
-        true, pred = divmod(int(flat), len(matrix))
-        if errors[true, pred] == 0 or len(chosen) >= limit:
-            break
-        chosen += [c for c in (true, pred) if c not in chosen][: limit - len(chosen)]
-    return np.array(sorted(chosen) or range(min(limit, len(matrix))), dtype=np.int64)
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
-    """Row-normalised confusion matrix; with many classes only the most confused ones are shown."""
-    total = len(matrix)
-    subset = np.arange(total) if total <= FULL_MATRIX_MAX_CLASSES else confused_subset(matrix)
-    counts = matrix[np.ix_(subset, subset)]
-    rows = np.maximum(matrix[subset].sum(axis=1, keepdims=True), 1)  # share of all samples of that class
-    size = min(4 + 0.45 * len(subset), 18)
-    fig = Figure(figsize=(size + 1.5, size), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(counts / rows, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    labels = [classes[i] for i in subset]
-    font = 9 if len(subset) <= 20 else 7
-    ax.set_xticks(range(len(subset)), labels, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(subset)), labels, fontsize=font)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if len(subset) <= 20:
-        for (i, j), count in np.ndenumerate(counts):
-            if count:
-                share = count / rows[i, 0]
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=font - 1,
-                        color="white" if share > 0.5 else "black")
-    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
-    title = "Confusion matrix" if len(subset) == total else \
-        f"Top {len(subset)} most confused classes (of {total})"
-    ax.set_title(f"{title} - top-1 {accuracy:.1%} on {matrix.sum()} images", fontsize=11)
-    fig.savefig(path)
-    return path
 
 
 def _draw(name: str, ax, history: pd.DataFrame, steps: pd.DataFrame) -> None:

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
+from fastpipe.class_report import confused_subset, confusion_matrix, per_class_table
 from fastpipe.evaluate import EvalResult
-from fastpipe.report import METRIC_KEYS, PLOTS, RunReport, confused_subset, confusion_matrix, per_class_table
+from fastpipe.report import METRIC_KEYS, PLOTS, RunReport
 
 
 def epoch_metrics(epoch: int) -> dict:
