@@ -59,6 +59,9 @@ def loader_candidates(backend: str, device: str, cores: int) -> list[tuple]:
             for load in DALI_GPU_OPTIONS["hw_decoder_load"]]
 
 
+MIN_STEPS_PER_EPOCH = 8
+
+
 def batch_sizes(smallest: int, largest: int) -> list[int]:
     sizes, size = [], smallest
     while size <= largest:
@@ -258,7 +261,8 @@ def run(args) -> int:
         raise SystemExit("error: --budget-s must be > 0 and 1 <= --min-batch-size <= --max-batch-size")
     try:
         config = load_config(args.config, overrides=getattr(args, "overrides", []))
-        num_classes = len(read_manifest(config.data.path)["classes"])
+        manifest = read_manifest(config.data.path)
+        num_classes, train_samples = len(manifest["classes"]), manifest["splits"]["train"]["written"]
     except (ConfigError, BetonError) as exc:
         raise SystemExit(f"error: {exc}") from None
     if reason := unavailable_backends([config.data.backend]).get(config.data.backend):
@@ -268,6 +272,11 @@ def run(args) -> int:
     cores = args.max_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                  else os.cpu_count() or 1)
     memory_limit = (args.memory_limit_gb or psutil.virtual_memory().total / 2**30 / 2) * 2**30
+    # A batch that leaves fewer than MIN_STEPS_PER_EPOCH steps per epoch trains badly however fast it is.
+    largest_batch = min(args.max_batch_size, max(args.min_batch_size, train_samples // MIN_STEPS_PER_EPOCH))
+    if largest_batch < args.max_batch_size:
+        console.print(f"batch sizes capped at {largest_batch}, so that {train_samples} train images give at "
+                      f"least {MIN_STEPS_PER_EPOCH} steps per epoch")
     resolutions = list(resolution_epochs(config))
     pending = len(resolutions) * (1 if args.skip_batch else 2)
     phases: list[PhaseResult] = []
@@ -293,7 +302,7 @@ def run(args) -> int:
         console.print(f"[bold]{res}px[/bold]: batch size ({config.model.arch}) ...")
         step = step or build_train_step(config, num_classes, device)
         share = budget.share(pending)
-        phase = tune_batch(step, res, batch_sizes(args.min_batch_size, args.max_batch_size), share,
+        phase = tune_batch(step, res, batch_sizes(args.min_batch_size, largest_batch), share,
                            num_classes, memory_limit)
         phase.offset_s = share.start - budget.start
         phases.append(phase)

@@ -207,6 +207,8 @@ def test_autotune_stays_in_budget_and_writes_settings_that_run(betons, tmp_path)
 
     config = load_config(config_path, tune=tuned_path)
     assert config.data.workers in (1, 2) and config.data.batch_size in (4, 8, 16)
+    train_images = json.loads((betons / "manifest.json").read_text())["splits"]["train"]["written"]
+    assert config.data.batch_size * 8 <= train_images   # never so large that an epoch is a handful of steps
     loader = build_loader(backend=config.data.backend, data=config.data.path, batch_size=config.data.batch_size,
                           resolution=32, workers=config.data.workers, **config.data.options)
     images, labels = next(iter(loader))
