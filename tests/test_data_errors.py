@@ -148,3 +148,18 @@ def test_importing_fastpipe_data_loads_no_backend_library():
             "print([m for m in ('ffcv', 'nvidia.dali', 'torchvision', 'numba') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_ffcv_loader_gives_memory_back_only_when_rss_grows(monkeypatch):
+    from fastpipe.data import ffcv_backend
+
+    readings, trims = iter([1000, 1020, 1100, 1000]), []
+    monkeypatch.setattr(ffcv_backend, "resident_bytes", lambda: next(readings))
+    monkeypatch.setattr(ffcv_backend, "release_freed_memory", lambda: trims.append(True))
+    loader = ffcv_backend.FFCVLoader.__new__(ffcv_backend.FFCVLoader)   # only the memory policy is under test
+    loader.bound_rss, loader.baseline_rss = True, None
+    for _ in range(4):
+        loader.bound_memory()
+    assert loader.baseline_rss == 1000 and trims == [True]   # only the epoch 10% above the baseline
+    loader.bound_rss = False
+    loader.bound_memory()   # disabled: reads nothing (the iterator is exhausted, so a read would raise)
