@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.suggestion is None:
         print("No suggestion: the sweep was too short to read. Lower [lr_finder] start_lr or raise steps.")
     else:
-        print(f"Train with it: python -m fastpipe.train --config {args.config} --optim.lr={payload['optim_lr']:.3g}"
+        kept = [item for item in overrides if not item.startswith(("--optim.lr=", "--lr_finder."))]
+        tune = [f"--tune {args.tune}"] if args.tune else []
+        command = " ".join(["python -m fastpipe.train --config", args.config, *tune, *kept,
+                            f"--optim.lr={payload['optim_lr']:.3g}"])
+        print(f"Train with it: {command}"
               + (f"  (suggestion / first-epoch LR scale {lr_scale:g})" if lr_scale != 1 else ""))
     print(f"Outputs: {result.png_path}  {result.csv_path}  {out_dir / 'lr_finder.json'}")
     return 0 if result.suggestion is not None else 1

@@ -212,6 +212,8 @@ def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys
     assert code == 0
     printed = capsys.readouterr().out
     assert "steepest descent" in printed and "--optim.lr=" in printed
+    command = next(line for line in printed.splitlines() if line.startswith("Train with it:"))
+    assert f"--data.path={betons}" in command and "--lr_finder.steps" not in command   # same data, new LR
     table = pd.read_csv(out / "lr_finder.csv")
     assert len(table) == 6
     summary = pd.read_json(out / "lr_finder.json", typ="series")
