@@ -337,6 +337,11 @@ class Trainer:
         self.best_top1, self.epochs_since_best = float(state["best_top1"]), int(state["epochs_since_best"])
         self.start_epoch = state["epoch"] + 1 if state["completed"] else state["epoch"]
         self.skip_steps = 0 if state["completed"] else int(state["step"])
+        epochs = self.config.schedule.epochs
+        if self.start_epoch >= epochs:
+            self.report.log(f"{self.run_dir} already finished its {epochs} epochs; to train longer, start a new run "
+                            f"with --init-from {self.run_dir / 'best.pt'} --schedule.epochs=N")
+            return
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.skip_steps}" if self.skip_steps else "")
         self.report.log(f"resuming {self.run_dir} at {where}")
 
