@@ -8,9 +8,11 @@ import os
 import platform
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 
 import psutil
+
+from fastpipe.versions import cpu_model
+from fastpipe.versions import package_versions as shared_package_versions
 
 # Distribution names, so versions are read without importing ffcv (numba compiles on import) or DALI.
 PACKAGES = {
@@ -24,26 +26,8 @@ PACKAGES = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name, dist in PACKAGES.items():
-        try:
-            versions[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    return versions
+    return shared_package_versions(PACKAGES)
 
 
 def gpu_info() -> dict | None:

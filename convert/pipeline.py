@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -38,6 +36,7 @@ from fastpipe.data.beton import (
     sha256_file,
     write_json_atomic,
 )
+from fastpipe.versions import package_versions
 
 SPLITS = ("train", "val")
 SHOWN_REASONS = 5
@@ -55,15 +54,7 @@ def make_progress(console: Console) -> Progress:
 
 
 def tool_versions() -> dict:
-    versions = {}
-    for name, dist in (("ffcv", "ffcv"), ("numpy", "numpy"), ("pillow", "pillow"), ("torch", "torch"),
-                       ("fastpipe", "fastpipe")):
-        try:
-            versions[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    return versions
+    return package_versions({name: name for name in ("ffcv", "numpy", "pillow", "torch", "fastpipe")})
 
 
 def settings_record(settings: WriteSettings) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import importlib.metadata
 import math
 import os
 import platform
@@ -21,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
 from fastpipe.class_report import eval_summary, write_class_report
+from fastpipe.versions import cpu_model, package_versions
 
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
                "resolution", "batch_size", "images_per_second", "epoch_time_s", "data_wait_pct")
@@ -282,19 +282,14 @@ def environment() -> dict:
     """Versions and hardware, for summary.json and benchmark reports."""
     import torch
 
-    def version(package: str):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
+    versions = package_versions({"torchvision": "torchvision", "ffcv": "ffcv", "dali": "nvidia-dali-cuda130"})
     cuda = torch.cuda.is_available()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
-            "ffcv": version("ffcv"), "dali": version("nvidia-dali-cuda130"), "numpy": np.__version__,
+    info = {"python": versions["python"], "torch": torch.__version__, "torchvision": versions["torchvision"],
+            "ffcv": versions["ffcv"], "dali": versions["dali"], "numpy": np.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "gpu_count": torch.cuda.device_count() if cuda else 0,
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     try:
         import psutil
 
@@ -302,16 +297,6 @@ def environment() -> dict:
     except ImportError:
         pass
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _number(value):
