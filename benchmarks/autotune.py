@@ -72,14 +72,11 @@ def batch_sizes(smallest: int, largest: int) -> list[int]:
 
 def loader_rate(config, res: int, setting: tuple, batches: int, device: str) -> float:
     from benchmarks.measure import measure_batches
-    from fastpipe.data import build_loader
+    from fastpipe.build import build_loader, build_runtime
 
-    values = dict(setting)
-    options = {**config.data.options, **{k: v for k, v in values.items() if k != "workers"}}
-    loader = build_loader(backend=config.data.backend, data=config.data.path, split="train",
-                          batch_size=config.data.batch_size, resolution=res, workers=values["workers"],
-                          device=device, min_scale=config.augment.min_scale, flip=config.augment.flip,
-                          **options)
+    # the trainer's loader (augmentation included) with the trial's setting over it
+    loader = build_loader(config, "train", build_runtime(config, device=device), batch_size=config.data.batch_size,
+                          resolution=res, **dict(setting))
     try:
         # Loaders prefetch a few batches while the first ones are consumed; untimed warm-up batches
         # empty that head start so it does not inflate a short measurement.
@@ -176,12 +173,34 @@ def tuned_values(config, phases: list[PhaseResult]) -> dict:
     # One batch size for every epoch: the one tuned at the largest resolution fits at all smaller ones.
     data["batch_size"] = batch[max(batch)] if batch else config.data.batch_size
     values = {"data": data}
+    lr = lr_for_batch(config, data["batch_size"])
+    if lr is not None:
+        values["optim"] = {"lr": lr}
     if config.resolution.stages:
         values["resolution"] = {"stages": [
             {**stage, "batch_size": batch.get(int(stage["resolution"]),
                                               stage.get("batch_size", data["batch_size"]))}
             for stage in config.resolution.stages]}
     return values
+
+
+def lr_for_batch(config, batch_size: int) -> float | None:
+    """optim.lr is the peak LR for data.batch_size, so a new batch size brings its LR with it, scaled
+    linearly as the trainer scales stage batch sizes (Goyal et al., 2017). None: nothing to write
+    (same batch size, or lr = "auto", which the LR finder sets at whatever batch size is used)."""
+    if config.optim.lr == "auto" or batch_size == config.data.batch_size:
+        return None
+    return float(config.optim.lr) * batch_size / config.data.batch_size
+
+
+def lr_note(config, values: dict) -> str:
+    batch = values["data"]["batch_size"]
+    if "optim" in values:
+        return (f"optim.lr {config.optim.lr:g} at batch {config.data.batch_size} -> {values['optim']['lr']:.4g} at "
+                f"batch {batch}: scaled linearly with data.batch_size, as stage batch sizes are")
+    if config.optim.lr == "auto":
+        return "optim.lr = auto: the LR finder picks the LR at the tuned batch size"
+    return f"optim.lr {config.optim.lr:g} kept: the batch size did not change"
 
 
 def write_tune_file(path: Path, values: dict, header: list[str]) -> None:
@@ -312,6 +331,7 @@ def run(args) -> int:
     header = [f"python -m benchmarks autotune --config {args.config} --budget-s {args.budget_s:g} "
               + " ".join(getattr(args, "overrides", [])),
               f"on {describe(machine_info())}, device {device}, {budget.elapsed:.0f} s used",
+              lr_note(config, values),
               *(f"partial: {line}" for line in incomplete)]
     out = Path(args.out)
     write_tune_file(out, values, header)

@@ -8,13 +8,13 @@ import time
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """--device as "cpu" or "cuda"; a clear exit when it cannot be had."""
+    from fastpipe.data.device import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but torch sees no GPU; use --device cpu.")
-    return device
+    try:
+        return resolve(device, "--device").type
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def device_name(device: str) -> str:

@@ -19,26 +19,24 @@ COLUMNS = {"backend": "feed", "res": "res", "workers": "workers", "batch_size": 
 
 
 @dataclass
-class TrainStep:
-    """One optimizer step of the config's model, with its precision and memory format."""
-    model: object
-    optimizer: object
-    autocast: object
-    scaler: object
-    channels_last: bool
+class BenchStep:
+    """The trainer's own step (`fastpipe.build.build_step`) on the trainer's model, with a device sync
+    for the ends of timed spans."""
+    training: object
     device: str
+    dtype: object   # what the trainer's loaders hand over (bf16 on a GPU with AMP)
 
     def __call__(self, images, labels) -> None:
-        import torch
+        self.training.step(images, labels)
 
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            loss = torch.nn.functional.cross_entropy(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    @property
+    def optimizer(self):
+        return self.training.optimizer
+
+    @property
+    def graphs(self) -> int | None:
+        counter = self.training.compile_counter
+        return None if counter is None else counter.graphs
 
     def sync(self) -> None:
         import torch
@@ -47,36 +45,26 @@ class TrainStep:
             torch.cuda.synchronize()
 
 
-def build_train_step(config, num_classes: int, device: str) -> TrainStep:
-    """The config's model, SGD/AdamW and AMP setting on `device` (compiled only on CUDA, as the trainer)."""
-    import torch
+def build_train_step(config, num_classes: int, device: str) -> BenchStep:
+    """Model, compile settings, channels-last, precision, optimizer, schedule and step exactly as
+    `fastpipe.train` builds them (`fastpipe.build`), on `device`."""
+    from fastpipe.build import build_benchmark_training, build_runtime
 
-    from fastpipe.model import build_model
-    from fastpipe.optim import build_optimizer
-    from fastpipe.runtime import resolve_precision
-
-    model = build_model(config.model.arch, num_classes, blurpool=config.model.blurpool,
-                        zero_init_residual=config.model.zero_init_residual).to(device)
-    if config.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(model, config)   # the trainer's; its LR does not change a step's cost
-    if config.model.compile is True or (device == "cuda" and config.model.compile == "auto"):
-        model = torch.compile(model)
-    precision = resolve_precision(config.train.amp, device)   # the trainer's AMP rule and scaler
-    return TrainStep(model, optimizer, precision.autocast, precision.scaler, config.model.channels_last, device)
+    runtime = build_runtime(config, device=device)
+    return BenchStep(build_benchmark_training(config, num_classes, runtime), runtime.device_type,
+                     runtime.precision.dtype)
 
 
-def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str):
+def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str, dtype=None):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device)
+    images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device, dtype)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
     return images.contiguous(memory_format=torch.channels_last), labels
 
 
-def time_steps(step: TrainStep, batches, steps: int, warmup: int = 1) -> float:
+def time_steps(step: BenchStep, batches, steps: int, warmup: int = 1) -> float:
     """img/s over `steps` steps after `warmup` untimed ones; `batches` is an endless iterator."""
     for _ in range(warmup):
         step(*next(batches))
@@ -96,13 +84,13 @@ def repeat(batch):
         yield batch
 
 
-def synthetic_rate(step: TrainStep, batch_size: int, resolution: int, num_classes: int, steps: int,
+def synthetic_rate(step: BenchStep, batch_size: int, resolution: int, num_classes: int, steps: int,
                    warmup: int = 1) -> float:
-    return time_steps(step, repeat(synthetic_batch(batch_size, resolution, num_classes, step.device)),
+    return time_steps(step, repeat(synthetic_batch(batch_size, resolution, num_classes, step.device, step.dtype)),
                       steps, warmup)
 
 
-def loader_rate(step: TrainStep, loader, steps: int, warmup: int = 1) -> float:
+def loader_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
     from benchmarks.measure import cycle_epochs
 
     batches = cycle_epochs(loader)
@@ -112,6 +100,8 @@ def loader_rate(step: TrainStep, loader, steps: int, warmup: int = 1) -> float:
         batches.close()
 
 
+STEP_NOTE = ("the trainer's own step (fastpipe.build.build_step): same compile settings (static shapes, one "
+             "graph per shape), channels-last, precision, fused optimizer and schedule")
 ACCEPTS_CONFIG_OVERRIDES = True   # `--data.path=...` style arguments go to load_config
 
 
@@ -130,6 +120,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
     from benchmarks.measure import device_name, resolve_device
+    from fastpipe.build import build_loader, build_runtime
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
 
@@ -162,17 +153,13 @@ def run(args) -> int:
     skipped = unavailable_backends(backends)
     for backend, reason in skipped.items():
         notes.append(f"{backend}: skipped, {reason}")
-    from fastpipe.data import build_loader
-
+    loader_runtime = build_runtime(config, device=device)
     for backend in (name for name in backends if name not in skipped):
         console.print(f"training step fed by {backend} ...")
         try:
             with ResourceSampler() as usage:
-                loader = build_loader(backend=backend, data=config.data.path, split="train",
-                                      batch_size=batch_size, resolution=resolution, workers=workers,
-                                      device=device, min_scale=config.augment.min_scale,
-                                      flip=config.augment.flip,
-                                      **(config.data.options if backend == config.data.backend else {}))
+                loader = build_loader(config, "train", loader_runtime, backend=backend, batch_size=batch_size,
+                                      resolution=resolution, workers=workers, distributed=False)
                 rate = loader_rate(step, loader, args.steps, warmup=2)
                 del loader
                 gc.collect()
@@ -183,12 +170,17 @@ def run(args) -> int:
                          peak_rss_mb=round(usage.peak_rss_mb, 1)))
     payload = {"benchmark": "train-step", "machine": machine_info(),
                "settings": {"config": str(args.config), "arch": config.model.arch, "steps": args.steps,
-                            "amp": config.train.amp, "device": device},
+                            "amp": config.train.amp, "device": device, "step": STEP_NOTE,
+                            "precision": loader_runtime.precision.name,
+                            "channels_last": config.model.channels_last,
+                            "compiled": step.graphs is not None, "graphs_compiled": step.graphs},
                "results": rows, "notes": notes}
     written = write_report(args.out, payload, f"Training step: {config.model.arch}", plots=False,
                            columns=COLUMNS)
     print_table(rows, COLUMNS, title=f"{config.model.arch} train img/s at {resolution}px, batch {batch_size}",
                 console=console)
+    console.print(f"step: {STEP_NOTE}; precision {loader_runtime.precision.name}, graphs compiled: "
+                  f"{step.graphs if step.graphs is not None else 'not compiled'}")
     for note in notes:
         console.print(f"note: {note}")
     console.print(f"report: {', '.join(str(Path(path)) for path in written)}")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from fastpipe.data.beton import atomic_write
 
 COMPILE_PREFIX = "_orig_mod."
 DDP_PREFIX = "module."
 REQUIRED_KEYS = ("model", "epoch")
+CHECKPOINT_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
@@ -27,12 +29,32 @@ class CheckpointError(RuntimeError):
 
 def clean_state_dict(state: dict) -> dict:
     """Model weights without the prefixes torch.compile and DDP add, so any wrapper can load them."""
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in (COMPILE_PREFIX, DDP_PREFIX):
-            key = key.replace(prefix, "")
-        cleaned[key] = value
+    cleaned = dict(state)
+    for prefix in (COMPILE_PREFIX, DDP_PREFIX):
+        consume_prefix_in_state_dict_if_present(cleaned, prefix)
     return cleaned
+
+
+def training_state(*, model, optimizer, scheduler, scaler, epoch: int, completed: bool, step: int,
+                   global_step: int, config: dict, classes: list[str], peak_lr: float, lr_scale: float,
+                   best_top1: float, epochs_since_best: int, **extra) -> dict:
+    """The schema of last.pt/best.pt: everything `restore_training` needs to continue a run exactly
+    (`step`: optimizer steps already taken in `epoch` when it is not `completed`)."""
+    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "completed": completed, "step": step,
+            "global_step": global_step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng_state(),
+            "config": config, "classes": classes, "peak_lr": peak_lr, "lr_scale": lr_scale,
+            "best_top1": best_top1, "epochs_since_best": epochs_since_best, **extra}
+
+
+def restore_training(state: dict, *, model, optimizer, scheduler, scaler) -> None:
+    """Load weights, optimizer, schedule position, scaler and RNG streams from `training_state` output."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
 
 
 def capture_rng_state(generator: np.random.Generator | None = None) -> dict:

@@ -67,7 +67,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | 
                     num_classes = logits.shape[1]
                     topk = min(5, num_classes)
                     class_names(classes, num_classes)  # fail before the whole pass if they disagree
-                labels = labels.to(logits.device)
+                # our own copy: FFCV hands out the same label buffer again a few batches later
+                labels = labels.to(logits.device, copy=True)
                 loss_sum += criterion(logits, labels).detach() * len(labels)
                 hits = logits.topk(topk, dim=1).indices == labels[:, None]
                 correct1 += hits[:, 0].sum()
@@ -107,14 +108,12 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                  out_dir: Path | None = None) -> dict:
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
+    from fastpipe.build import build_loader, build_model, build_runtime
     from fastpipe.checkpoint import CheckpointError, load_checkpoint
     from fastpipe.class_report import eval_summary
     from fastpipe.config import ConfigError, load_config
-    from fastpipe.data import build_loader
     from fastpipe.data.beton import write_json_atomic
-    from fastpipe.model import build_model
     from fastpipe.report import environment
-    from fastpipe.runtime import resolve_device, resolve_precision
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")
@@ -125,22 +124,15 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     if not classes:
         raise CheckpointError(f"{path} holds no class names; it was not written by fastpipe.train.")
 
-    device = resolve_device(config.train.device)
-    precision = resolve_precision(config.train.amp, device)
-    model = build_model(config.model.arch, len(classes), blurpool=config.model.blurpool)
+    runtime = build_runtime(config)
+    model = build_model(config, len(classes), runtime)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.blurpool="
                               f"{config.model.blurpool}: {str(err).splitlines()[0]}") from err
-    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-
-    data = config.data
-    loader = build_loader(backend=data.backend, data=data.path, split="val",
-                          batch_size=data.val_batch_size or data.batch_size, resolution=config.resolution.val,
-                          workers=data.workers, device=device, shuffle=False, drop_last=False,
-                          dtype=precision.dtype, seed=config.train.seed, **data.options)
+    data, precision = config.data, runtime.precision
+    loader = build_loader(config, "val", runtime)
     if list(loader.classes) != classes:
         raise CheckpointError(f"{path} was trained on other classes than {data.path} holds; point "
                               f"--data.path at the data set the run used.")

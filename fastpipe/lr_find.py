@@ -9,45 +9,33 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
 from fastpipe.lr_finder import LRFinderResult, find_lr
 
 
+def sweep(config, runtime, training, loader, plan, out_dir: Path | None) -> LRFinderResult:
+    """The range test on a built run (`fastpipe.build.Training`) at `plan`'s resolution and batch size."""
+    from fastpipe.build import build_criterion
+
+    loader.set_resolution(plan.resolution)
+    loader.set_batch_size(plan.batch_size)
+    finder, scaler = config.lr_finder, runtime.precision.scaler
+    return find_lr(training.train_model, training.optimizer, build_criterion(config), loader,
+                   start_lr=finder.start_lr, end_lr=finder.end_lr, steps=finder.steps,
+                   autocast=runtime.precision.autocast, scaler=scaler if scaler.is_enabled() else None,
+                   out_dir=out_dir)
+
+
 def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
-    """Set up like `fastpipe.train` (one process) and sweep. Returns the result and the first epoch's
+    """Build as `fastpipe.train` does (one process) and sweep. Returns the result and the first epoch's
     LR scale, which converts the suggestion (at the first epoch's batch size) into `optim.lr`."""
-    from fastpipe.data import build_loader
-    from fastpipe.model import apply_freeze, build_model, compile_model
-    from fastpipe.optim import build_optimizer, plan_epochs
-    from fastpipe.runtime import configure_backends, resolve_device, resolve_precision, seed_everything
+    from fastpipe.build import build_loader, build_runtime, build_training
+    from fastpipe.optim import plan_epochs
 
-    device = resolve_device(config.train.device)
-    configure_backends(device, config.train.deterministic)
-    seed_everything(config.train.seed, config.train.deterministic)
-    precision = resolve_precision(config.train.amp, device)
-    schedule, data, augment = config.schedule_for_resolution(), config.data, config.augment
-    loader = build_loader(backend=data.backend, data=data.path, split="train", batch_size=schedule.batch_size_at(0),
-                          resolution=schedule.resolution_at(0), workers=data.workers, device=device,
-                          shuffle=True, drop_last=True, dtype=precision.dtype, seed=config.train.seed,
-                          min_scale=augment.min_scale, ratio=augment.ratio, flip=augment.flip,
-                          **data.options)
+    runtime = build_runtime(config)
+    loader = build_loader(config, "train", runtime)
     first_epoch = plan_epochs(config, loader.num_samples)[0]
-
-    model = build_model(config.model.arch, len(loader.classes), blurpool=config.model.blurpool,
-                        zero_init_residual=config.model.zero_init_residual)
-    apply_freeze(model, config.model.freeze)
-    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    use_compile = config.model.compile if config.model.compile != "auto" else device == "cuda"
-    train_model = compile_model(model, config.model.compile_backend)[0] if use_compile else model
-    optimizer = build_optimizer(model, config)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    scaler = precision.scaler if precision.scaler.is_enabled() else None
-    finder = config.lr_finder
-    result = find_lr(train_model, optimizer, criterion, loader, start_lr=finder.start_lr, end_lr=finder.end_lr,
-                     steps=finder.steps, autocast=precision.autocast, scaler=scaler, out_dir=out_dir)
-    return result, first_epoch.lr_scale
+    training = build_training(config, len(loader.classes), runtime, log=lambda message: None)
+    return sweep(config, runtime, training, loader, first_epoch, out_dir), first_epoch.lr_scale
 
 
 def parse_args(argv: list[str] | None):

@@ -52,7 +52,7 @@ def add_blurpool(model: nn.Module, min_channels: int = 16) -> int:
     return replaced
 
 
-def build_model(arch: str, num_classes: int, *, blurpool: bool = False,
+def build_resnet(arch: str, num_classes: int, *, blurpool: bool = False,
                 zero_init_residual: bool = True) -> nn.Module:
     """A randomly initialised torchvision ResNet. zero_init_residual zeroes the last BN of each block so
     every block starts as the identity, which trains faster with large batches (Goyal et al., 2017)."""

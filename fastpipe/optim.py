@@ -41,11 +41,15 @@ def plan_epochs(config: Config, samples_per_rank: int, world_size: int = 1) -> l
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW; no weight decay on normalisation layers and biases. The LR set here is
-    a placeholder: OneCycleLR (or the LR finder) sets it before the first step."""
+    a placeholder: OneCycleLR (or the LR finder) sets it before the first step.
+
+    Fused implementations: one kernel per step, and they take `found_inf` on the device, which is how
+    `TrainStep` skips an update after a non-finite loss without reading anything back."""
     groups = parameter_groups(model, config.optim.weight_decay)
     if config.optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=1e-3, betas=(config.optim.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=0.1, momentum=config.optim.momentum, nesterov=config.optim.nesterov)
+        return torch.optim.AdamW(groups, lr=1e-3, betas=(config.optim.momentum, 0.999), fused=True)
+    return torch.optim.SGD(groups, lr=0.1, momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+                           fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, peak_lr: float, total_steps: int):

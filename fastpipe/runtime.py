@@ -28,14 +28,6 @@ class Precision:
     scaler: torch.amp.GradScaler
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is 'cuda' but torch sees no GPU here; use --train.device=cpu.")
-    return name
-
-
 def resolve_precision(amp: str, device_type: str) -> Precision:
     if amp == "auto":
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device_type == "cuda" else "off"

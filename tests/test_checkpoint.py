@@ -14,7 +14,7 @@ from fastpipe.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fastpipe.model import build_model
+from fastpipe.model import build_resnet
 
 
 def small_state():
@@ -37,7 +37,7 @@ def test_checkpoint_round_trips_under_weights_only(tmp_path):
 
 
 def test_compiled_and_ddp_prefixes_are_stripped(tmp_path):
-    model = build_model("resnet18", 3)
+    model = build_resnet("resnet18", 3)
     compiled = torch.compile(model)   # lazy: nothing compiles until called
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     path = save_checkpoint(tmp_path / "c.pt", {"model": compiled.state_dict(), "epoch": 0})

@@ -138,7 +138,7 @@ def saved_run(betons, tmp_path_factory):
     from fastpipe.checkpoint import save_checkpoint
     from fastpipe.config import load_config, to_toml
     from fastpipe.data.beton import read_manifest
-    from fastpipe.model import build_model
+    from fastpipe.model import build_resnet
 
     run_dir = tmp_path_factory.mktemp("run")
     config = load_config("cpu-smoke.toml", [f"--data.path={betons}", "--data.backend=torch", "--data.workers=1",
@@ -147,7 +147,7 @@ def saved_run(betons, tmp_path_factory):
     (run_dir / "config.toml").write_text(to_toml(config))
     classes = read_manifest(betons)["classes"]
     torch.manual_seed(0)
-    model = build_model("resnet18", len(classes), blurpool=False)
+    model = build_resnet("resnet18", len(classes), blurpool=False)
     save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": 2, "classes": classes})
     return run_dir, read_manifest(betons)
 

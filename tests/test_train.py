@@ -130,14 +130,31 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"
 
 
-def test_non_finite_losses_skip_the_step_then_stop_naming_the_learning_rate(betons, tmp_path):
-    trainer = Trainer(tiny_config(betons, "--train.max_nonfinite_steps=3"), tmp_path / "run")
-    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.criterion = lambda logits, targets: logits.float().mean() * float("nan")
-    with pytest.raises(TrainingError, match="learning rate is probably too high"):
+def test_a_planted_nan_stops_the_run_within_one_log_interval_with_weights_from_before_it(betons, tmp_path):
+    # 96 images / batch 16 = 6 steps an epoch; the loss turns NaN from step 4 of epoch 2 (global step 10).
+    # Log points (log_every=4): global steps 4, 6 (epoch end), 8, 12.
+    trainer = Trainer(tiny_config(betons, "--train.log_every=4"), tmp_path / "run")
+    criterion, forwards = trainer.step.criterion, []
+
+    def snapshot(module, args):
+        if module.training:
+            forwards.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    trainer.model.register_forward_pre_hook(snapshot)
+    trainer.step.criterion = lambda logits, targets: criterion(logits, targets) * (
+        float("nan") if len(forwards) >= 10 else 1.0)
+    with pytest.raises(TrainingError, match=r"non-finite at step 10 .*lr [0-9.]+.*lower optim.lr") as error:
         trainer.fit()
-    assert trainer.bad_steps == 3
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
+    assert len(forwards) == 12   # stopped at the log point after step 12: within one interval of step 10
+    assert "3 step(s) up to step 12" in str(error.value)
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["nonfinite_from_step"] == 9 and not saved["completed"]
+    for key, value in saved["model"].items():
+        is_statistic = "running_" in key or "num_batches" in key
+        # parameters: exactly before step 10; BatchNorm statistics: as of the log point after step 8
+        expected = forwards[8 if is_statistic else 9][key]
+        assert torch.equal(value, expected), key
+        assert torch.equal(trainer.model.state_dict()[key], expected), key
 
 
 def test_missing_data_message_gives_the_convert_command(tmp_path, capsys):

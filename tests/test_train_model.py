@@ -10,7 +10,7 @@ from fastpipe.config import load_config
 from fastpipe.model import (
     BlurPoolConv2d,
     apply_freeze,
-    build_model,
+    build_resnet,
     load_weights,
     parameter_groups,
     set_train_mode,
@@ -20,7 +20,7 @@ from fastpipe.optim import build_optimizer, build_scheduler, plan_epochs, rescal
 
 
 def test_blurpool_wraps_strided_convs_and_keeps_weight_names():
-    plain, blurred = build_model("resnet18", 5), build_model("resnet18", 5, blurpool=True)
+    plain, blurred = build_resnet("resnet18", 5), build_resnet("resnet18", 5, blurpool=True)
     wrapped = [name for name, m in blurred.named_modules() if isinstance(m, BlurPoolConv2d)]
     assert wrapped and "conv1" not in wrapped                       # the RGB stem stays as it is
     assert all(max(blurred.get_submodule(n).stride) > 1 for n in wrapped)
@@ -29,12 +29,12 @@ def test_blurpool_wraps_strided_convs_and_keeps_weight_names():
 
 
 def test_last_bn_of_each_residual_block_starts_at_zero():
-    model = build_model("resnet50", 4)
+    model = build_resnet("resnet50", 4)
     assert all(torch.all(block.bn3.weight == 0) for layer in (model.layer1, model.layer4) for block in layer)
 
 
 def test_no_weight_decay_on_any_norm_layer_or_bias_including_downsample_bn():
-    model = build_model("resnet50", 4)
+    model = build_resnet("resnet50", 4)
     decay, no_decay = parameter_groups(model, 1e-4)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     downsample_bn = model.layer1[0].downsample[1]
@@ -45,7 +45,7 @@ def test_no_weight_decay_on_any_norm_layer_or_bias_including_downsample_bn():
 
 
 def test_freeze_backbone_trains_only_the_head_and_keeps_bn_statistics():
-    model = build_model("resnet18", 4)
+    model = build_resnet("resnet18", 4)
     apply_freeze(model, "backbone")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
     set_train_mode(model, "backbone")
@@ -53,17 +53,17 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_bn_statistics():
 
 
 def test_fine_tune_load_replaces_the_head_when_class_count_differs():
-    source = build_model("resnet18", 10)
-    target = build_model("resnet18", 3)
+    source = build_resnet("resnet18", 10)
+    target = build_resnet("resnet18", 3)
     reset = load_weights(target, source.state_dict())
     assert reset == ["fc.bias", "fc.weight"]
     assert torch.equal(target.conv1.weight, source.conv1.weight)
     with pytest.raises(ValueError, match="model.arch"):
-        load_weights(build_model("resnet50", 3), source.state_dict())
+        load_weights(build_resnet("resnet50", 3), source.state_dict())
 
 
 def test_summary_counts_flops_growing_with_resolution():
-    model = build_model("resnet18", 4)
+    model = build_resnet("resnet18", 4)
     text, small = summarize(model, 32)
     _, large = summarize(model, 64)
     assert "layer4" in text and "parameters:" in text

@@ -43,8 +43,8 @@ def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str
                  batch_size: int = 256, resolution: int = 160, workers: int = 8, device: str = "cpu",
                  shuffle: bool = True, drop_last: bool = True, normalize: bool = True,
                  dtype: torch.dtype | None = None, seed: int = 0, distributed: bool = False,
-                 min_scale: float = 0.08, ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 **backend_options):
+                 min_scale: float = 0.08, max_scale: float = 1.0, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip: bool = True, **backend_options):
     """Build a loader yielding (images NCHW channels_last, labels int64), both on `device`.
 
     backend_options go to the backend: ffcv (order, os_cache, batches_ahead), dali (hw_decoder_load,
@@ -70,7 +70,7 @@ def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str
     return loader_class(data, split, batch_size=batch_size, resolution=resolution, workers=workers,
                         device=device, shuffle=shuffle, drop_last=drop_last, normalize=normalize,
                         dtype=dtype, seed=seed, distributed=distributed, min_scale=min_scale,
-                        ratio=ratio, flip=flip, **backend_options)
+                        max_scale=max_scale, ratio=ratio, flip=flip, **backend_options)
 
 
 __all__ = ["BACKENDS", "available_backends", "build_loader"]

@@ -54,7 +54,7 @@ class LoaderBase:
     def __init__(self, data: str | os.PathLike, split: str = "train", batch_size: int = 256,
                  resolution: int = 160, workers: int = 8, device: str = "cpu", shuffle: bool = True,
                  drop_last: bool = True, normalize: bool = True, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, distributed: bool = False, min_scale: float = 0.08,
+                 seed: int = 0, distributed: bool = False, min_scale: float = 0.08, max_scale: float = 1.0,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
         self.data_dir = Path(data)
         self.manifest = read_manifest(self.data_dir)
@@ -67,8 +67,8 @@ class LoaderBase:
         self.resolution = check_resolution(resolution)
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        if not 0 < min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+        if not 0 < min_scale <= max_scale <= 1:
+            raise ValueError(f"crop scales need 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}")
         self.workers = int(workers)
@@ -76,7 +76,7 @@ class LoaderBase:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         self.dtype = check_dtype(dtype, normalize)
         self.normalizer = Normalizer(self.device, self.dtype) if normalize else None
-        self.scale = (float(min_scale), 1.0)
+        self.scale = (float(min_scale), float(max_scale))   # area share of the random crops
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip = flip
         self.rank, self.world_size = rank_and_world(distributed)

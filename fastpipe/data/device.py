@@ -12,17 +12,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Turn "cpu"/"cuda"/"cuda:1" into a torch.device, failing fast when no GPU is there."""
-    device = torch.device(device)
+def resolve_device(device: str | torch.device, setting: str = "device") -> torch.device:
+    """"auto"/"cpu"/"cuda"/"cuda:1" -> a torch.device, failing fast when no GPU is there. `setting` names
+    the option the value came from (train.device, --device), so the error says what to change."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"Unsupported device {device!r} in {setting}; use 'auto', 'cpu' or 'cuda'.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU on this machine; "
-                               "use device='cpu' (every backend runs on the CPU).")
+            raise RuntimeError(f"{setting} is 'cuda' but torch sees no CUDA GPU on this machine; set {setting} "
+                               f"to 'cpu' (every backend runs on the CPU).")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
-        raise ValueError(f"Unsupported device {device}; use 'cpu' or 'cuda'.")
+        raise ValueError(f"Unsupported device {device} in {setting}; use 'auto', 'cpu' or 'cuda'.")
     return device
 
 

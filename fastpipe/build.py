@@ -1,0 +1,175 @@
+"""Every piece a run needs, built from a `Config` in one place: device and precision, loader arguments,
+the model (channels-last, BlurPool, freeze, torch.compile), optimizer and schedule, and the step.
+
+`fastpipe.train`, `fastpipe.lr_find`, `fastpipe.evaluate`, `benchmarks train-step` and `benchmarks autotune`
+build through these functions and nowhere else, so a benchmark times exactly what training runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastpipe import distributed as dist_utils
+from fastpipe.config import Config
+from fastpipe.data.device import resolve_device
+from fastpipe.runtime import Precision, TrainingError, configure_backends, resolve_precision, seed_everything
+from fastpipe.step import TrainStep
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes."""
+    device: torch.device
+    precision: Precision
+    dist: dist_utils.DistInfo
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def build_runtime(config: Config, *, distributed: bool = False, device: str | None = None) -> Runtime:
+    """Device (joining torchrun's process group when `distributed`), backend flags, seeds and precision.
+    `device` overrides train.device (the benchmarks' --device flag)."""
+    try:
+        device_type = resolve_device(device or config.train.device,
+                                     "--device" if device else "train.device").type
+    except (RuntimeError, ValueError) as err:
+        raise TrainingError(str(err)) from None
+    info = dist_utils.init(device_type) if distributed else dist_utils.DistInfo()
+    configure_backends(device_type, config.train.deterministic)
+    seed_everything(config.train.seed + info.rank, config.train.deterministic)
+    return Runtime(dist_utils.device_for(info, device_type), resolve_precision(config.train.amp, device_type), info)
+
+
+# ------------------------------------------------------------------------------------------- loaders
+def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:
+    """`build_loader` keyword arguments for `split`: the train split gets the first epoch's resolution and
+    batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
+    benchmark's resolution, workers, backend options ...) replace single entries."""
+    data, augment = config.data, config.augment
+    args = dict(backend=data.backend, data=data.path, split=split, workers=data.workers, device=str(runtime.device),
+                dtype=runtime.precision.dtype, seed=config.train.seed, **data.options)
+    if split == "train":
+        schedule = config.schedule_for_resolution()
+        args.update(batch_size=schedule.batch_size_at(0), resolution=schedule.resolution_at(0), shuffle=True,
+                    drop_last=True, distributed=runtime.dist.enabled, min_scale=augment.min_scale,
+                    max_scale=augment.max_scale, ratio=augment.ratio, flip=augment.flip)
+    else:
+        args.update(batch_size=data.val_batch_size or data.batch_size, resolution=config.resolution.val,
+                    shuffle=False, drop_last=False, distributed=False)
+    if overrides.get("backend", data.backend) != data.backend:   # data.options belong to data.backend
+        for key in data.options:
+            args.pop(key)
+    args.update(overrides)
+    return args
+
+
+def build_loader(config: Config, split: str, runtime: Runtime, **overrides):
+    from fastpipe.data import build_loader as build
+
+    return build(**loader_args(config, split, runtime, **overrides))
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from: str | Path | None = None,
+                log=print) -> nn.Module:
+    """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
+    torchvision ResNet, BlurPool, optional fine-tune initialisation, freezing."""
+    from fastpipe.checkpoint import load_checkpoint
+    from fastpipe.model import apply_freeze, build_resnet, load_weights
+
+    model = build_resnet(config.model.arch, num_classes, blurpool=config.model.blurpool,
+                         zero_init_residual=config.model.zero_init_residual)
+    if init_from:
+        source = Path(init_from) / "best.pt" if Path(init_from).is_dir() else Path(init_from)
+        reset = load_weights(model, load_checkpoint(source)["model"])
+        log(f"initialised from {init_from}; freshly initialised: {', '.join(reset) or 'none'}")
+    apply_freeze(model, config.model.freeze)
+    memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
+    return model.to(runtime.device, memory_format=memory_format)
+
+
+def uses_compile(config: Config, runtime: Runtime) -> bool:
+    return config.model.compile if config.model.compile != "auto" else runtime.device_type == "cuda"
+
+
+def wrap_for_training(model: nn.Module, config: Config, runtime: Runtime):
+    """The same weights behind DDP (under torchrun) and torch.compile (static shapes: one graph per
+    resolution and batch size). Returns (module to train, CompileCounter or None)."""
+    from fastpipe.model import compile_model
+
+    train_model = model
+    if runtime.dist.enabled:
+        ids = [runtime.device.index] if runtime.device_type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if not uses_compile(config, runtime):
+        return train_model, None
+    return compile_model(train_model, config.model.compile_backend)
+
+
+# ----------------------------------------------------------------------------------- optimizer, step
+def build_criterion(config: Config) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+
+
+def build_mix(config: Config, num_classes: int):
+    """torchvision v2 MixUp and/or CutMix (one picked per batch), or None when both are off."""
+    from torchvision.transforms import v2
+
+    choices = [cls(alpha=alpha, num_classes=num_classes) for cls, alpha in
+               ((v2.MixUp, config.augment.mixup), (v2.CutMix, config.augment.cutmix)) if alpha > 0]
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def build_step(config: Config, runtime: Runtime, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler, num_classes: int, total_steps: int) -> TrainStep:
+    """The training step the trainer runs (and the benchmarks time)."""
+    return TrainStep(train_model, optimizer, scheduler, build_criterion(config), runtime.precision,
+                     mix=build_mix(config, num_classes), total_steps=total_steps,
+                     distributed=runtime.dist.enabled)
+
+
+@dataclass
+class Training:
+    """A model ready to train: the plain module, its training wrapper, optimizer, schedule and step."""
+    model: nn.Module
+    train_model: nn.Module
+    compile_counter: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None
+    step: TrainStep | None = None
+
+
+def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_from=None, log=print) -> Training:
+    """Model, training wrapper and optimizer. The schedule and step follow with `schedule_training`
+    once the peak LR is known (optim.lr = "auto" runs the LR finder on this model first)."""
+    from fastpipe.optim import build_optimizer
+
+    model = build_model(config, num_classes, runtime, init_from=init_from, log=log)
+    train_model, counter = wrap_for_training(model, config, runtime)
+    return Training(model, train_model, counter, build_optimizer(model, config))
+
+
+def schedule_training(training: Training, config: Config, runtime: Runtime, num_classes: int, peak_lr: float,
+                      total_steps: int) -> Training:
+    from fastpipe.optim import build_scheduler
+
+    training.scheduler = build_scheduler(training.optimizer, config, peak_lr, total_steps)
+    training.step = build_step(config, runtime, training.train_model, training.optimizer, training.scheduler,
+                               num_classes, total_steps)
+    return training
+
+
+def build_benchmark_training(config: Config, num_classes: int, runtime: Runtime, steps: int = 10**6) -> Training:
+    """The trainer's model and step for timing: a numeric optim.lr as the peak (0.1 for "auto": the LR
+    does not change a step's cost) over `steps` steps."""
+    peak_lr = 0.1 if config.optim.lr == "auto" else float(config.optim.lr)
+    training = build_training(config, num_classes, runtime, log=lambda message: None)
+    training.model.train()
+    return schedule_training(training, config, runtime, num_classes, peak_lr, steps)
