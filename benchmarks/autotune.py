@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import tomli_w
 
 from benchmarks.machine import describe, machine_info
 from benchmarks.report import make_console, print_table
 from benchmarks.search import Budget, SearchResult, Trial, successive_halving
-from fastpipe.config import toml_value
+from fastpipe.data.beton import atomic_write
 
 # DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
 DALI_GPU_OPTIONS = {"prefetch": (2, 3), "hw_decoder_load": (0.0, 0.5, 0.75)}
@@ -204,13 +205,10 @@ def lr_note(config, values: dict) -> str:
 
 
 def write_tune_file(path: Path, values: dict, header: list[str]) -> None:
-    lines = [f"# {line}" for line in header] + [""]
-    for section, items in values.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in items.items()]
-        lines.append("")
+    text = "".join(f"# {line}\n" for line in header) + "\n" + tomli_w.dumps(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    with atomic_write(path) as handle:
+        handle.write(text)
 
 
 def trial_rows(phases: list[PhaseResult]) -> list[dict]:

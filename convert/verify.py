@@ -7,7 +7,6 @@ with numpy (mirroring ffcv.types) and decodes with cv2.imdecode, which reports e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -15,60 +14,41 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fastpipe.data.beton import ALLOC_ENTRY, BETON_HEADER, BetonError, check_beton, read_manifest, sha256_file
-
-# Mirrors ffcv.types.FieldDescType and the metadata of RGBImageField + IntField (ffcv 1.0.x).
-FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
-IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
-SAMPLE_META = np.dtype([("image", IMAGE_META), ("label", "<i8")], align=True)
-EXPECTED_FIELDS = ((2, "image"), (1, "label"))        # FFCV type ids: 2 = RGBImageField, 1 = IntField
-MODE_JPG, MODE_RAW = 0, 1
-
-
-@dataclass
-class BetonContents:
-    path: Path
-    data: np.memmap
-    metadata: np.ndarray
-    sizes: dict[int, int]          # data_ptr -> allocation size
+from fastpipe.data.beton import (
+    ALLOC_ENTRY,
+    BETON_HEADER,
+    MODE_JPEG,
+    MODE_RAW,
+    BetonError,
+    BetonSamples,
+    check_beton,
+    read_header,
+    read_manifest,
+    sha256_file,
+)
 
 
-def open_beton(path: str | Path) -> BetonContents:
-    """Parse a beton's header, field descriptors, metadata and allocation table, checking bounds."""
+def open_beton(path: str | Path) -> BetonSamples:
+    """The beton's layout (fastpipe.data.beton.BetonSamples), after the header checks."""
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    header = np.frombuffer(data[:BETON_HEADER.itemsize].tobytes(), dtype=BETON_HEADER)[0]
-    fields_end = BETON_HEADER.itemsize + int(header["num_fields"]) * FIELD_DESC.itemsize
-    count = int(header["num_samples"])
-    metadata_end = fields_end + count * SAMPLE_META.itemsize
+    header = read_header(path)
+    size = path.stat().st_size
     table = int(header["alloc_table_ptr"])
-    if not metadata_end <= table <= data.size or (data.size - table) % ALLOC_ENTRY.itemsize:
-        raise BetonError(f"{path}: header points outside the file (allocation table at {table}, size {data.size}).")
-    descriptors = np.frombuffer(data[BETON_HEADER.itemsize:fields_end].tobytes(), dtype=FIELD_DESC)
-    found = tuple((int(d["type_id"]), bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace")) for d in descriptors)
-    if found != EXPECTED_FIELDS:
-        raise BetonError(f"{path} has fields {found}, expected {EXPECTED_FIELDS}: not written by `python -m convert`.")
-    metadata = np.frombuffer(data[fields_end:metadata_end].tobytes(), dtype=SAMPLE_META)
-    allocations = np.frombuffer(data[table:].tobytes(), dtype=ALLOC_ENTRY)
-    if np.any(allocations["ptr"] + allocations["size"] > table):
-        raise BetonError(f"{path}: an allocation runs past the data region (corrupt allocation table).")
-    return BetonContents(path, data, metadata, dict(zip(allocations["ptr"].tolist(), allocations["size"].tolist())))
+    if not BETON_HEADER.itemsize <= table <= size or (size - table) % ALLOC_ENTRY.itemsize:
+        raise BetonError(f"{path}: header points outside the file (allocation table at {table}, size {size}).")
+    return BetonSamples(path)
 
 
-def decode_sample(contents: BetonContents, index: int) -> np.ndarray:
+def decode_sample(samples: BetonSamples, index: int) -> np.ndarray:
     """Sample `index` as a uint8 HxWx3 RGB array; raises BetonError when it cannot be decoded."""
-    meta = contents.metadata[index]["image"]
-    width, height, pointer = int(meta["width"]), int(meta["height"]), int(meta["data_ptr"])
-    where = f"{contents.path} sample {index}"
-    if pointer not in contents.sizes:
-        raise BetonError(f"{where}: data pointer {pointer} is not in the allocation table.")
-    blob = contents.data[pointer:pointer + contents.sizes[pointer]]
-    if meta["mode"] == MODE_RAW:
+    width, height, blob = int(samples.width[index]), int(samples.height[index]), samples.encoded(index)
+    where = f"{samples.path} sample {index}"
+    if samples.mode[index] == MODE_RAW:
         if blob.size < width * height * 3:
             raise BetonError(f"{where}: raw image needs {width * height * 3} bytes, has {blob.size}.")
         return np.array(blob[:width * height * 3]).reshape(height, width, 3)
-    if meta["mode"] != MODE_JPG:
-        raise BetonError(f"{where}: unknown image mode {int(meta['mode'])}.")
+    if samples.mode[index] != MODE_JPEG:
+        raise BetonError(f"{where}: unknown image mode {int(samples.mode[index])}.")
     image = cv2.imdecode(np.asarray(blob), cv2.IMREAD_COLOR)
     if image is None or image.shape != (height, width, 3):
         got = "undecodable JPEG" if image is None else f"{image.shape[1]}x{image.shape[0]}"
@@ -78,9 +58,9 @@ def decode_sample(contents: BetonContents, index: int) -> np.ndarray:
 
 def iter_samples(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
     """(image, label) for every sample of a beton, in order."""
-    contents = open_beton(path)
-    for index in range(len(contents.metadata)):
-        yield decode_sample(contents, index), int(contents.metadata[index]["label"])
+    samples = open_beton(path)
+    for index in range(len(samples)):
+        yield decode_sample(samples, index), int(samples.labels[index])
 
 
 def verify(data_dir: str | Path, console: Console | None = None) -> dict:
@@ -94,11 +74,12 @@ def verify(data_dir: str | Path, console: Console | None = None) -> dict:
         fix = f"Re-create it with `python -m convert ... --out {data_dir} --force`."
         if info.get("sha256") and sha256_file(path) != info["sha256"]:
             raise BetonError(f"{path}: sha256 differs from the manifest; the file changed after conversion. {fix}")
-        contents = open_beton(path)
-        if not len(contents.metadata) == info["written"] == len(info["samples"]):
-            raise BetonError(f"{path}: {len(contents.metadata)} samples, manifest says {info['written']} "
-                             f"written and lists {len(info['samples'])}. {fix}")
-        labels = contents.metadata["label"]
+        samples = open_beton(path)
+        listed = info.get("samples")
+        if not len(samples) == info["written"] == len(listed if listed is not None else samples):
+            raise BetonError(f"{path}: {len(samples)} samples, manifest says {info['written']} "
+                             f"written and lists {len(listed)}. {fix}")
+        labels = samples.labels
         expected = np.array([label for _, label in info["samples"]], dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
             raise BetonError(f"{path}: labels outside 0..{len(manifest['classes']) - 1}. {fix}")
@@ -106,9 +87,9 @@ def verify(data_dir: str | Path, console: Console | None = None) -> dict:
             first = int(np.flatnonzero(labels != expected)[0])
             raise BetonError(f"{path}: sample {first} has label {labels[first]}, manifest says {expected[first]} "
                              f"({info['samples'][first][0]}). {fix}")
-        for index in range(len(contents.metadata)):
-            decode_sample(contents, index)
-        checked[split] = len(contents.metadata)
+        for index in range(len(samples)):
+            decode_sample(samples, index)
+        checked[split] = len(samples)
         console.print(f"{split}: {checked[split]} samples OK (size, sha256, labels, every image decodes)")
     return checked
 

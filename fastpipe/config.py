@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ try:
 except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+import tomli_w
+
 from fastpipe.schedule import ResolutionSchedule, Stage
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -27,91 +32,90 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what to do."""
 
 
+# Each field's trailing comment is its one line of help: `python -m fastpipe.train --help` prints it.
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "data/betons/imagenet-mini"   # where `python -m convert imagenet-mini` writes
-    backend: Literal["ffcv", "dali", "torch"] = "ffcv"
-    workers: int = 8
-    batch_size: int = 256                # per process; the LR in [optim] is for this batch size
+    path: str = "data/betons/imagenet-mini"   # folder of betons + manifest.json (from `python -m convert`)
+    backend: Literal["ffcv", "dali", "torch"] = "ffcv"   # loader: FFCV, NVIDIA DALI or the torchvision baseline
+    workers: int = 8                     # loader worker processes (DALI: threads)
+    batch_size: int = 256                # per process; optim.lr is the peak LR for this batch size
     val_batch_size: int = 0              # 0: same as batch_size
-    options: dict = field(default_factory=dict)   # passed to the backend as keyword arguments
+    options: dict = field(default_factory=dict)   # backend keyword arguments, e.g. {order = "quasi_random"}
 
 
 @dataclass(frozen=True)
 class ResolutionConfig:
-    start: int = 160
-    end: int = 192
-    ramp_start: int = 11
-    ramp_end: int = 13
-    val: int = 256
-    multiple: int = 32
+    start: int = 160                     # training resolution (px) before the ramp
+    end: int = 192                       # training resolution (px) after the ramp
+    ramp_start: int = 11                 # epoch where the resolution starts to grow
+    ramp_end: int = 13                   # epoch where it reaches `end`
+    val: int = 256                       # evaluation resolution (px)
+    multiple: int = 32                   # ramp resolutions are rounded to a multiple of this
     stages: tuple = ()                   # [{epochs, resolution, batch_size?}, ...]; overrides the ramp
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    min_scale: float = 0.08
-    max_scale: float = 1.0
+    min_scale: float = 0.08              # smallest random crop, as a share of the image area
+    max_scale: float = 1.0               # largest random crop, as a share of the image area
     ratio: tuple[float, float] = (3 / 4, 4 / 3)   # aspect-ratio range of the random crops
-    flip: bool = True
+    flip: bool = True                    # random horizontal flips
     mixup: float = 0.0                   # Beta(alpha, alpha) of v2.MixUp; 0 turns it off
     cutmix: float = 0.0                  # Beta(alpha, alpha) of v2.CutMix; 0 turns it off
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
-    compile: bool | Literal["auto"] = "auto"    # auto: on for CUDA, off for CPU
-    compile_backend: str = "inductor"                 # torch.compile backend ("aot_eager" to debug)
-    channels_last: bool = True
-    blurpool: bool = True
-    freeze: Literal["none", "bn", "backbone"] = "none"
-    zero_init_residual: bool = True
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"   # torchvision ResNet
+    compile: bool | Literal["auto"] = "auto"    # torch.compile; auto: on for CUDA, off for CPU
+    compile_backend: str = "inductor"           # torch.compile backend ("aot_eager" to debug)
+    channels_last: bool = True           # NHWC memory format (faster convolutions on tensor cores)
+    blurpool: bool = True                # anti-aliased strided convolutions
+    freeze: Literal["none", "bn", "backbone"] = "none"   # bn: BatchNorm fixed; backbone: only the head trains
+    zero_init_residual: bool = True      # each residual block starts as the identity
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float | Literal["auto"] = 0.5     # peak LR for a global batch of data.batch_size; scaled
-                                                # linearly with stage batch sizes and processes;
-                                                # "auto" runs the LR finder
-    momentum: float = 0.9                        # also the peak of momentum cycling (minimum: 0.85x)
-    weight_decay: float = 5e-5                   # never applied to BatchNorm or bias parameters
-    label_smoothing: float = 0.1
-    nesterov: bool = True
+    name: Literal["sgd", "adamw"] = "sgd"   # optimizer (SGD with nesterov, or AdamW)
+    lr: float | Literal["auto"] = 0.5    # peak LR for data.batch_size (scaled linearly with stage batch sizes and processes); "auto" runs the LR finder
+    momentum: float = 0.9                # also the peak of momentum cycling (minimum: 0.85x)
+    weight_decay: float = 5e-5           # never applied to BatchNorm or bias parameters
+    label_smoothing: float = 0.1         # cross-entropy label smoothing
+    nesterov: bool = True                # nesterov momentum (SGD)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    epochs: int = 16
-    pct_start: float = 0.125             # LR peak after 2 of 16 epochs, as in FFCV's recipes
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
-    anneal: Literal["linear", "cos"] = "linear"
-    cycle_momentum: bool = True
+    epochs: int = 16                     # length of the run
+    pct_start: float = 0.125             # share of the run before the LR peak (2 of 16 epochs, as in FFCV's recipes)
+    div_factor: float = 25.0             # starting LR = peak / div_factor
+    final_div_factor: float = 1e4        # final LR = starting LR / final_div_factor
+    anneal: Literal["linear", "cos"] = "linear"   # shape of the one-cycle ramps
+    cycle_momentum: bool = True          # momentum low while the LR is high
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"   # auto: bf16 or fp16 on CUDA, off on CPU
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    early_stop_patience: int = 0         # epochs without val top-1 improvement; 0 turns it off
+    device: Literal["auto", "cuda", "cpu"] = "auto"        # auto: CUDA when torch sees a GPU
+    seed: int = 0                        # seeds weights, sample order and augmentation
+    deterministic: bool = False          # deterministic kernels (slower), for bitwise-repeatable runs
+    early_stop_patience: int = 0         # evaluations without val top-1 improvement; 0 turns it off
     log_every: int = 50                  # steps between log lines and reads of the loss from the device
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    flip_tta: bool = True
+    flip_tta: bool = True                # average the logits of each image and its mirror
     every: int = 1                       # evaluate every N epochs (and always after the last)
 
 
 @dataclass(frozen=True)
 class LRFinderConfig:
-    start_lr: float = 1e-5
-    end_lr: float = 10.0
-    steps: int = 100
+    start_lr: float = 1e-5               # first LR of the range test
+    end_lr: float = 10.0                 # last LR of the range test
+    steps: int = 100                     # steps of the range test
 
 
 @dataclass(frozen=True)
@@ -346,28 +350,30 @@ def validate(config: Config) -> None:
         raise ConfigError(f"[resolution]: {err}") from err
 
 
-def toml_value(value) -> str:
-    # Hand-written: tomllib only reads TOML; configs hold just numbers, strings, lists and tables.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def to_toml(config: Config) -> str:
     """The resolved config as TOML; `load_config` of the result gives back an equal Config."""
-    lines = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-        lines.append("")
+    return tomli_w.dumps(config.to_dict())
+
+
+def key_help() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every config key, from the dataclasses and their comments."""
+    rows = []
+    for section, cls in _SECTION_CLASSES.items():
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.MULTILINE))
+        defaults = dataclasses.asdict(cls())
+        for key, kind in _field_types(section).items():
+            default = json.dumps(_plain(defaults[key])).replace(": ", " = ")   # TOML for these values
+            rows.append((f"{section}.{key}", _describe(kind), default, comments.get(key, "")))
+    return rows
+
+
+def help_text() -> str:
+    """Every key as `--section.key=VALUE`, for --help."""
+    lines = ["config keys (set any as --section.key=VALUE; defaults before config files):"]
+    for key, kind, default, meaning in key_help():
+        lines.append(f"  {key:<28} {kind:<36} default {default}")
+        if meaning:
+            lines.append(f"  {'':<28} {meaning}")
     return "\n".join(lines)
 
 

@@ -78,20 +78,23 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | 
                 preds.append(predicted)
                 confidences.append(confidence)
                 count += len(labels)
+            if count == 0:
+                raise ValueError("Evaluation got no batches: the val loader is empty (check data.path, the val "
+                                 "split in the manifest, and that drop_last is off for evaluation).")
+            # the pass's reads from the device, all after the last batch
+            loss_sum, correct1, correctk = torch.stack([loss_sum.double(), correct1.double(),
+                                                        correctk.double()]).tolist()
+            targets, preds = torch.cat(targets).cpu().numpy(), torch.cat(preds).cpu().numpy()
+            confidences = torch.cat(confidences).float().cpu().numpy()
     finally:
         for module, training in modes.items():
             module.training = training
-    if count == 0:
-        raise ValueError("Evaluation got no batches: the val loader is empty (check data.path, the val "
-                         "split in the manifest, and that drop_last is off for evaluation).")
-    targets = torch.cat(targets).cpu().numpy()
     sample_ids = None
     if getattr(loader, "shuffle", True) is False and hasattr(loader, "manifest"):
         sample_ids = manifest_sample_ids(loader.manifest, getattr(loader, "split", "val"), targets)
-    return EvalResult(loss=float(loss_sum) / count, top1=int(correct1) / count, top5=int(correctk) / count,
-                      targets=targets, preds=torch.cat(preds).cpu().numpy(),
-                      confidences=torch.cat(confidences).float().cpu().numpy(), count=count, topk=topk,
-                      num_classes=num_classes, classes=list(classes) if classes else None, sample_ids=sample_ids)
+    return EvalResult(loss=loss_sum / count, top1=correct1 / count, top5=correctk / count, targets=targets,
+                      preds=preds, confidences=confidences, count=count, topk=topk, num_classes=num_classes,
+                      classes=list(classes) if classes else None, sample_ids=sample_ids)
 
 
 def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray) -> list[str] | None:

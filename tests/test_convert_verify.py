@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from convert.__main__ import main
-from convert.verify import MODE_JPG, iter_samples, open_beton, verify
+from convert.verify import MODE_JPEG, iter_samples, open_beton, verify
 from fastpipe.data.beton import BETON_HEADER, BetonError, check_beton, sha256_file
 
 
@@ -72,13 +72,14 @@ def test_a_beton_whose_header_was_never_fixed_up_is_caught(copy):
 
 def test_a_corrupt_jpeg_payload_is_reported_not_crashed_on(copy):
     beton = copy / "train.beton"
-    contents = open_beton(beton)
-    jpeg_samples = np.flatnonzero(contents.metadata["image"]["mode"] == MODE_JPG)
+    samples = open_beton(beton)
+    jpeg_samples = np.flatnonzero(samples.mode == MODE_JPEG)
     assert jpeg_samples.size, "the train beton of the fixture stores some samples as JPEG"
     index = int(jpeg_samples[0])
-    pointer = int(contents.metadata[index]["image"]["data_ptr"])
+    pointer, size = int(samples.offset[index]), int(samples.size[index])
+    del samples   # its memory map would keep the old bytes visible
     data = bytearray(beton.read_bytes())
-    data[pointer:pointer + contents.sizes[pointer]] = bytes(contents.sizes[pointer])
+    data[pointer:pointer + size] = bytes(size)
     beton.write_bytes(bytes(data))
     rewrite_manifest(copy)
     with pytest.raises(BetonError, match=f"sample {index}: expected a .* JPEG, got undecodable JPEG"):

@@ -144,37 +144,55 @@ def check_beton(data_dir: str | os.PathLike, split: str, manifest: dict | None =
     return path
 
 
-# --- Raw sample access, for loaders that decode outside FFCV (DALI) ---------------------------------
+# --- Raw sample access, for code that reads samples outside FFCV (DALI, verify, adopt) ---------------
 # Mirrors ffcv.types.FieldDescType and RGBImageField/IntField metadata (ffcv 1.0.x), read with numpy
 # alone for the same reason as BETON_HEADER above.
 FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
                       align=True)
 IMAGE_METADATA = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
-SAMPLE_METADATA = np.dtype([("image", IMAGE_METADATA), ("label", "<i8")], align=True)
-EXPECTED_FIELDS = (("image", 2), ("label", 1))   # (name, ffcv type id: RGBImageField, IntField)
+IMAGE_FIELD, INT_FIELD = 2, 1           # ffcv type ids of RGBImageField and IntField
+FIELD_METADATA = {IMAGE_FIELD: ("image", IMAGE_METADATA), INT_FIELD: ("label", np.dtype("<i8"))}
+FIELD_CLASSES = {0: "FloatField", 1: "IntField", 2: "RGBImageField", 3: "BytesField", 4: "NDArrayField",
+                 5: "JSONField", 255: "custom field"}
 MODE_JPEG, MODE_RAW = 0, 1
+
+
+def read_fields(path: str | os.PathLike, header: np.void | None = None) -> list[tuple[str, int]]:
+    """(name, ffcv type id) of every field, in stored order."""
+    header = read_header(path) if header is None else header
+    fields = np.fromfile(path, dtype=FIELD_DESC, count=int(header["num_fields"]), offset=BETON_HEADER.itemsize)
+    return [(bytes(f["name"]).rstrip(b"\0").decode("ascii", "replace"), int(f["type_id"])) for f in fields]
+
+
+def describe_fields(fields: list[tuple[str, int]]) -> str:
+    return ", ".join(f"'{name}' ({FIELD_CLASSES.get(kind, f'type {kind}')})" for name, kind in fields) or "none"
 
 
 class BetonSamples:
     """Per-sample access to a beton's stored image bytes and labels, through a read-only memory map.
 
-    `encoded(i)` is the stored JPEG for jpg-mode samples and the raw HxWx3 RGB pixels otherwise
-    (write modes raw, smart and proportion store some samples raw; see `mode`).
+    The layout is found by field type: one RGBImageField and one IntField, named anything, in either
+    order (`field_names` maps "image"/"label" to the stored names). `encoded(i)` is the stored JPEG for
+    jpg-mode samples and the raw HxWx3 RGB pixels otherwise (see `mode`).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         header = read_header(self.path)
-        fields = np.fromfile(self.path, dtype=FIELD_DESC, count=int(header["num_fields"]),
-                             offset=BETON_HEADER.itemsize)
-        found = tuple((bytes(f["name"]).rstrip(b"\0").decode(), int(f["type_id"])) for f in fields)
-        if found != EXPECTED_FIELDS:
-            raise BetonError(f"{self.path} has fields {found}, expected {EXPECTED_FIELDS} "
-                             f"(image then label, as `python -m convert` writes them).")
+        fields = read_fields(self.path, header)
+        if sorted(kind for _, kind in fields) != [INT_FIELD, IMAGE_FIELD]:
+            raise BetonError(f"{self.path} has fields {describe_fields(fields)}; fastpipe needs exactly one image "
+                             f"field (RGBImageField) and one integer label field (IntField).")
+        self.field_names = {FIELD_METADATA[kind][0]: name for name, kind in fields}
+        metadata_type = np.dtype([FIELD_METADATA[kind] for _, kind in fields], align=True)
         self.num_samples = int(header["num_samples"])
-        metadata = np.fromfile(self.path, dtype=SAMPLE_METADATA, count=self.num_samples,
-                               offset=BETON_HEADER.itemsize + fields.nbytes)
-        table = np.fromfile(self.path, dtype=ALLOC_ENTRY, offset=int(header["alloc_table_ptr"]))
+        fields_end = BETON_HEADER.itemsize + len(fields) * FIELD_DESC.itemsize
+        table_at = int(header["alloc_table_ptr"])
+        if fields_end + self.num_samples * metadata_type.itemsize > table_at:
+            raise BetonError(f"{self.path}: the header points inside the sample metadata (allocation table at "
+                             f"byte {table_at}); the file is corrupt or unfinished.")
+        metadata = np.fromfile(self.path, dtype=metadata_type, count=self.num_samples, offset=fields_end)
+        table = np.fromfile(self.path, dtype=ALLOC_ENTRY, offset=table_at)
         self.mode = metadata["image"]["mode"].copy()
         self.width = metadata["image"]["width"].astype(np.int64)
         self.height = metadata["image"]["height"].astype(np.int64)
@@ -189,8 +207,8 @@ class BetonSamples:
                              f"the file is corrupt. Re-create it with `python -m convert ... --force`.")
         self.size = sizes[where] if self.num_samples else np.zeros(0, np.int64)
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        if self.num_samples and int((self.offset + self.size).max()) > len(self.data):
-            raise BetonError(f"{self.path}: sample data runs past the end of the file (truncated).")
+        if self.num_samples and int((self.offset + self.size).max()) > table_at:
+            raise BetonError(f"{self.path}: sample data runs past the data region (truncated or corrupt).")
 
     def __len__(self) -> int:
         return self.num_samples

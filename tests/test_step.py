@@ -1,0 +1,136 @@
+"""The training step and its measurements: no device reads in steady state, data wait without a sync, and
+one builder for the trainer and the benchmarks."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import fastpipe.build
+from fastpipe.config import load_config
+from fastpipe.report import RunReport
+from fastpipe.train import Trainer
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    monkeypatch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+
+
+def small_run(betons, *extra):
+    return load_config("cpu-smoke.toml", [f"--data.path={betons}", "--data.workers=1", "--resolution.start=32",
+                                          "--resolution.end=32", "--resolution.val=32", "--optim.lr=0.05",
+                                          "--eval.flip_tta=false", *extra])
+
+
+def test_training_reads_the_device_once_per_log_interval_plus_a_constant_per_epoch(betons, tmp_path,
+                                                                                    monkeypatch):
+    # 96 images / batch 4 = 24 steps an epoch, 7 epochs: 168 steps
+    trainer = Trainer(small_run(betons, "--data.batch_size=4", "--schedule.epochs=7", "--train.log_every=50"),
+                      tmp_path / "run")
+    reads = []
+    main = threading.main_thread()
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, **kwargs):
+            # FFCV takes numpy views of its host-side batch buffers when an epoch starts: never device memory
+            caller = sys._getframe(1).f_code.co_filename
+            if trainer.model.training and threading.current_thread() is main and "/ffcv/" not in caller:
+                reads.append(name)
+            return original(tensor, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    assert trainer.fit() == 0
+    steps, epochs = 7 * 24, 7
+    assert trainer.global_step == steps
+    # one read per log point (steps 50, 100, 150) and one at each epoch's end (before: over one a step)
+    assert len(reads) <= steps // 50 + epochs, reads
+    assert len(reads) / steps < 0.07
+
+
+class SlowLoader:
+    """The trainer's loader with `delay` seconds added before every batch."""
+
+    def __init__(self, loader, delay: float):
+        self.loader, self.delay = loader, delay
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+def last_epoch_wait(betons, run_dir, delay: float | None) -> float:
+    trainer = Trainer(small_run(betons, "--data.batch_size=16", "--schedule.epochs=2"), run_dir)
+    if delay is not None:
+        trainer.train_loader = SlowLoader(trainer.train_loader, delay)
+    assert trainer.fit() == 0
+    return float(pd.read_csv(run_dir / "metrics.csv")["data_wait_pct"].iloc[-1])   # after FFCV's JIT epoch
+
+
+def test_data_wait_rises_with_a_slowed_loader_and_stays_low_with_the_plain_one(betons, tmp_path):
+    plain = last_epoch_wait(betons, tmp_path / "plain", None)
+    slowed = last_epoch_wait(betons, tmp_path / "slow", 0.3)
+    assert slowed > 50, slowed   # 6 steps x 0.3 s of about 2.6 s: ~70% measured
+    assert plain < 25, plain     # ~1% measured
+    assert slowed > plain + 40
+
+
+def test_the_trainer_and_the_train_step_benchmark_get_their_step_from_the_same_builder(betons, tmp_path,
+                                                                                       monkeypatch):
+    from benchmarks.train_step import build_train_step, synthetic_rate
+
+    built = []
+    original = fastpipe.build.build_step
+
+    def spy(config, runtime, *args, **kwargs):
+        step = original(config, runtime, *args, **kwargs)
+        built.append((config.model.arch, step))
+        return step
+
+    monkeypatch.setattr(fastpipe.build, "build_step", spy)
+    config = small_run(betons, "--data.batch_size=16", "--schedule.epochs=1", "--model.compile=true",
+                       "--model.compile_backend=aot_eager")
+    trainer = Trainer(config, tmp_path / "run")
+    bench = build_train_step(config, num_classes=4, device="cpu")
+    assert [arch for arch, _ in built] == ["resnet18", "resnet18"]
+    assert built[0][1] is trainer.step and built[1][1] is bench.training.step
+    assert type(trainer.step) is type(bench.training.step)
+    # the same compile settings: static shapes, so one graph per shape in both
+    synthetic_rate(bench, 8, 32, 4, steps=2)
+    synthetic_rate(bench, 8, 48, 4, steps=2)
+    assert bench.graphs == 2
+
+
+def test_fused_optimizer_skips_the_update_on_the_device_after_a_non_finite_loss(betons):
+    from fastpipe.build import build_benchmark_training, build_runtime
+
+    config = small_run(betons, "--data.batch_size=8")
+    training = build_benchmark_training(config, 4, build_runtime(config))
+    step = training.step
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    step(images, labels)
+    weights = {k: v.clone() for k, v in training.model.named_parameters()}
+    momentum = {id(p): s["momentum_buffer"].clone() for p, s in training.optimizer.state.items()}
+    criterion = step.criterion
+    step.criterion = lambda logits, targets: criterion(logits, targets) * float("nan")
+    step(images, labels)
+    step.criterion = criterion
+    step(images, labels)   # finite again, but the run is poisoned: still no update
+    assert all(torch.equal(weights[k], v) for k, v in training.model.named_parameters())
+    assert all(torch.equal(momentum[id(p)], s["momentum_buffer"]) for p, s in training.optimizer.state.items())
+    totals = step.read()
+    assert totals.nonfinite == 1 and totals.first_nonfinite == 1 and totals.samples == 16
