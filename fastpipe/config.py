@@ -377,6 +377,15 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def argument_parser(prog: str, description: str, example: str):
+    """An argparse parser whose --help ends with every config key (all entry points take overrides)."""
+    import argparse
+
+    return argparse.ArgumentParser(prog=prog, description=f"{description} Any config key can be set as "
+                                   f"--section.key=value.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=f"{help_text()}\n\nexample: {example}")
+
+
 def from_dict(payload: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (as stored in checkpoints)."""
     return load_config(None, overrides={s: dict(v) for s, v in payload.items()})

@@ -3,7 +3,6 @@ TTA), and `python -m fastpipe.evaluate RUN_DIR` to re-evaluate a saved checkpoin
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -153,14 +152,12 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
 
 def main(argv: list[str] | None = None) -> int:
     from fastpipe.checkpoint import CheckpointError
-    from fastpipe.config import ConfigError
+    from fastpipe.config import ConfigError, argument_parser
     from fastpipe.data.beton import BetonError
 
-    parser = argparse.ArgumentParser(
-        prog="python -m fastpipe.evaluate",
-        description="Re-evaluate a training run's checkpoint on the val split and write the full report. "
-                    "Any config key can be set as --section.key=value.",
-        epilog="example: python -m fastpipe.evaluate runs/r18 --checkpoint last --backend torch --eval.flip_tta=true")
+    parser = argument_parser("python -m fastpipe.evaluate", "Re-evaluate a training run's checkpoint on the "
+                             "val split and write the full report.",
+                             "python -m fastpipe.evaluate runs/r18 --checkpoint last --backend torch")
     parser.add_argument("run_dir", type=Path, help="a run directory written by `python -m fastpipe.train`")
     parser.add_argument("--checkpoint", default="best", help="best, last, or a path to a .pt file (default: best)")
     parser.add_argument("--backend", help="loader backend (ffcv, dali, torch); default: the run's")

@@ -3,7 +3,6 @@ model, optimizer, AMP setup and first-epoch loader a training run with that conf
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import datetime
@@ -39,11 +38,11 @@ def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fastpipe.lr_find",
-        description="LR range test for a training config. Any config key can be set as --section.key=value "
-                    "([lr_finder] start_lr, end_lr, steps control the sweep).",
-        epilog="example: python -m fastpipe.lr_find --config r18.toml --lr_finder.steps=200")
+    from fastpipe.config import argument_parser
+
+    parser = argument_parser("python -m fastpipe.lr_find", "LR range test for a training config "
+                             "([lr_finder] start_lr, end_lr, steps control the sweep).",
+                             "python -m fastpipe.lr_find --config r18.toml --lr_finder.steps=200")
     parser.add_argument("--config", required=True, help="TOML file, or a name in configs/")
     parser.add_argument("--tune", help="TOML with the same sections merged over the config (from autotune)")
     parser.add_argument("--out", help="output folder (default: runs/lr_find-<config name>-<time>)")

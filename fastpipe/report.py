@@ -321,6 +321,7 @@ def _jsonable(value):
 
 
 def _replace_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from fastpipe.data.beton import atomic_write
+
+    with atomic_write(path) as handle:
+        handle.write(text)

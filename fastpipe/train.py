@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -28,7 +27,7 @@ from fastpipe.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from fastpipe.config import Config, ConfigError, help_text, load_config, to_toml
+from fastpipe.config import Config, ConfigError, argument_parser, load_config, to_toml
 from fastpipe.data.beton import BetonError
 from fastpipe.data_wait import DataWait
 from fastpipe.model import set_train_mode, summarize
@@ -332,12 +331,8 @@ class Trainer:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fastpipe.train",
-        description="Train a ResNet on converted data. Any config key can be set as --section.key=value.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"{help_text()}\n\nexample: python -m fastpipe.train --config r18.toml --optim.lr=0.4 "
-               f"--data.backend=dali")
+    parser = argument_parser("python -m fastpipe.train", "Train a ResNet on converted data.",
+                             "python -m fastpipe.train --config r18.toml --optim.lr=0.4 --data.backend=dali")
     parser.add_argument("--config", help="TOML file, or a name in configs/ (r50.toml, r18.toml, cpu-smoke.toml)")
     parser.add_argument("--tune", help="TOML with the same sections merged over the config (from autotune)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR/last.pt at its next epoch")

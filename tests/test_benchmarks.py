@@ -221,6 +221,8 @@ def test_train_step_reports_the_data_stall_ratio(betons, tmp_path):
     assert main(["train-step", "--config", str(config_path), "--steps", "1", "--backends", "torch",
                  "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads((out / "results.json").read_text())
+    assert "trainer's own step" in payload["settings"]["step"]
+    assert payload["settings"]["precision"] == "off" and payload["settings"]["channels_last"] is True
     feeds = {row["backend"]: row for row in payload["results"]}
     assert feeds.keys() == {"synthetic", "torch"}
     assert feeds["synthetic"]["ratio_to_synthetic"] == 1.0
@@ -255,11 +257,29 @@ def test_tuned_batch_sizes_go_into_each_resolution_stage(betons, tmp_path):
     values = tuned_values(config, phases)
     # workers from the resolution most epochs train at; one data.batch_size that fits the largest one
     assert values["data"] == {"workers": 2, "batch_size": 32}
+    # optim.lr is defined for data.batch_size (8 in the config): it moves with the batch, linearly
+    assert values["optim"]["lr"] == pytest.approx(config.optim.lr * 32 / 8)
     assert [stage["batch_size"] for stage in values["resolution"]["stages"]] == [64, 32]
     write_tune_file(tmp_path / "tune.toml", values, ["header"])
     tuned = load_config(tmp_path / "tiny.toml", overrides={"schedule": {"epochs": 3}}, tune=tmp_path / "tune.toml")
     schedule = tuned.schedule_for_resolution()
     assert [schedule.batch_size_at(epoch) for epoch in range(3)] == [64, 64, 32]
+    # so every stage trains at the LR it had before tuning: lr * stage batch / data.batch_size
+    for stage_batch in (64, 32):
+        assert tuned.optim.lr * stage_batch / tuned.data.batch_size == pytest.approx(
+            config.optim.lr * stage_batch / config.data.batch_size)
+
+
+def test_the_tune_file_says_how_the_learning_rate_came_with_the_batch_size(tmp_path):
+    from benchmarks.autotune import lr_for_batch, lr_note
+    from fastpipe.config import load_config
+
+    config = load_config(None, {"data": {"batch_size": 256}, "optim": {"lr": 0.5}})
+    assert lr_for_batch(config, 512) == pytest.approx(1.0) and lr_for_batch(config, 256) is None
+    note = lr_note(config, {"data": {"batch_size": 512}, "optim": {"lr": 1.0}})
+    assert "0.5 at batch 256 -> 1 at batch 512" in note and "linearly" in note
+    auto = load_config(None, {"optim": {"lr": "auto"}})
+    assert lr_for_batch(auto, 512) is None and "LR finder" in lr_note(auto, {"data": {"batch_size": 512}})
 
 
 def test_convert_subcommand_hands_its_arguments_to_the_converter_benchmark(capsys):

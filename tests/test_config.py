@@ -113,3 +113,21 @@ def test_config_sections_are_frozen():
     config = load_config(None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.optim.lr = 1.0
+
+
+def test_help_lists_every_config_key_with_its_type_default_and_meaning(capsys):
+    from fastpipe.config import valid_keys
+    from fastpipe.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for key in valid_keys():
+        assert f"  {key} " in text, key
+    assert "'ffcv' or 'dali' or 'torch'" in text and "default 256" in text
+    assert "peak LR for data.batch_size" in text and "random horizontal flips" in text
+
+
+def test_to_toml_escapes_control_characters():
+    config = load_config(None, {"run": {"name": 'tab\there "quoted" \x01 bell', "dir": "line\nbreak"}})
+    assert from_dict(tomllib.loads(to_toml(config))) == config

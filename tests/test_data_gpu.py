@@ -31,3 +31,10 @@ def test_dali_mixed_decoding_matches_the_cpu_pipeline(betons):
         outputs[device] = torch.cat([images.float().cpu() for images, _ in loader])
     # train split: JPEG and raw samples in the same batches; decoders differ only in rounding
     assert (outputs["cpu"] - outputs["cuda"]).abs().mean() < 3
+
+
+def test_dali_pipeline_itself_puts_labels_on_the_gpu(betons):
+    loader = build_loader("dali", betons, "train", batch_size=8, resolution=32, workers=2, device="cuda")
+    runner = loader.build_pipeline(32, 8)
+    images, labels = next(runner.epoch(loader.epoch_order(0)))
+    assert images.device.type == "cuda" and labels.device.type == "cuda"

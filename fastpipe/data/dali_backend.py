@@ -122,7 +122,8 @@ class DALILoader(LoaderBase):
                 mirror = 0
             # HWC out: the NCHW view of an NHWC batch is already channels_last
             images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
-            return images, labels
+            # labels reach the GPU inside the pipeline, on its stream, like the images
+            return images, labels.gpu() if gpu else labels
 
         built = pipeline(batch_size=batch_size, num_threads=self.workers,
                          device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
