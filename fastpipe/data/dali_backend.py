@@ -13,6 +13,7 @@ import torch
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import BetonSamples, check_beton
+from fastpipe.data.seeding import sample_seed
 
 
 def ppm_bytes(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -93,7 +94,7 @@ class DALILoader(LoaderBase):
         self.hw_decoder_load, self.prefetch = hw_decoder_load, int(prefetch)
         self.runners: dict[tuple[int, int], EpochRunner] = {}   # DALI fixes sizes when it builds
 
-    def build_pipeline(self, resolution: int, batch_size: int) -> EpochRunner:
+    def build_pipeline(self, resolution: int, batch_size: int, epoch: int = 0) -> EpochRunner:
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
@@ -127,7 +128,7 @@ class DALILoader(LoaderBase):
 
         built = pipeline(batch_size=batch_size, num_threads=self.workers,
                          device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
-                         seed=self.seed + 1000 * self.rank + resolution)
+                         seed=int(sample_seed(self.seed, epoch, self.rank)))
         built.build()
         return EpochRunner(built, source)
 
@@ -137,9 +138,11 @@ class DALILoader(LoaderBase):
             return
         key = (self.resolution, self.batch_size)
         runner = self.runners.get(key)
-        if runner is None or not runner.finished:
-            # a new setting, or the last epoch on this pipeline stopped early: DALI cannot
-            # reset mid-epoch, so start a fresh pipeline
-            runner = self.runners[key] = self.build_pipeline(*key)
+        if self.train or runner is None or not runner.finished:
+            # train: a pipeline per epoch, seeded by (seed, epoch, rank), so an epoch's crops do not depend
+            # on what ran before it (a resumed run draws the same). Otherwise a new setting, or the last
+            # epoch stopped early: DALI cannot reset mid-epoch, so start a fresh pipeline.
+            self.runners.clear()
+            runner = self.runners[key] = self.build_pipeline(*key, epoch=epoch)
         for images, labels in runner.epoch(order):
             yield self.finish(images.permute(0, 3, 1, 2), labels)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
-from fastpipe.data.beton import check_beton
+from fastpipe.data.beton import IMAGE_FIELD, INT_FIELD, check_beton, read_fields
 
 ORDERS = ("random", "quasi_random")
 
@@ -74,19 +74,21 @@ class FFCVLoader(LoaderBase):
         path = check_beton(self.data_dir, split, self.manifest)   # FFCV itself would crash on a bad file
 
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+        from fastpipe.data.ffcv_decoders import SeededRandomResizedCrop, add_epoch_column
 
         size = (self.resolution, self.resolution)
-        if self.train:
-            self.decoder = RandomResizedCropRGBImageDecoder(size, scale=self.scale, ratio=self.ratio)
+        if self.train:   # crop and flip drawn from (seed, epoch, sample index): see ffcv_decoders
+            self.decoder = SeededRandomResizedCrop(size, self.scale, self.ratio, seed=self.seed, flip=self.flip)
         else:
             self.decoder = CenterCropRGBImageDecoder(size, ratio=VAL_CROP_RATIO)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
-        image_pipeline = [self.decoder, *([RandomHorizontalFlip()] if self.train and self.flip else []),
-                          ToTensor(), *to_device, ToTorchImage(channels_last=True)]
+        image_pipeline = [self.decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
         label_pipeline = [IntDecoder(), ToTensor(), *to_device]
+        names = {kind: name for name, kind in read_fields(path)}   # adopted betons may name them otherwise
         if not self.shuffle:
             ffcv_order = OrderOption.SEQUENTIAL
         else:
@@ -94,12 +96,15 @@ class FFCVLoader(LoaderBase):
         self.loader = Loader(str(path), batch_size=self.batch_size, num_workers=self.workers,
                              os_cache=os_cache, order=ffcv_order, distributed=self.distributed,
                              seed=self.seed, drop_last=self.drop_last, batches_ahead=batches_ahead,
-                             pipelines={"image": image_pipeline, "label": label_pipeline})
+                             pipelines={names[IMAGE_FIELD]: image_pipeline, names[INT_FIELD]: label_pipeline})
+        self.epoch_column = add_epoch_column(self.loader, names[IMAGE_FIELD]) if self.train else None
 
     def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.decoder.output_size = (self.resolution, self.resolution)
         self.loader.batch_size = self.batch_size
         self.loader.next_epoch = epoch   # FFCV seeds its order from seed + epoch
+        if self.epoch_column is not None:
+            self.epoch_column[:] = epoch   # ... and SeededRandomResizedCrop its crops from it
         # One FFCV epoch iterator (a thread) per epoch, closed even when the caller stops early.
         epoch_iterator = iter(self.loader)
         try:

@@ -14,14 +14,16 @@ from torchvision.transforms import v2
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import BetonError
+from fastpipe.data.seeding import sample_seed
 
 
 class ManifestImages(Dataset):
-    """Item (index, resolution) -> (HxWx3 uint8 image, label); resolution travels with the index so
-    persistent workers follow `set_resolution` without a restart."""
+    """Item (index, resolution, epoch) -> (HxWx3 uint8 image, label); resolution and epoch travel with the
+    index so persistent workers follow `set_resolution` without a restart, and each train sample's
+    augmentation is seeded by (seed, epoch, index), whichever worker draws it."""
 
-    def __init__(self, root: Path, samples: list, train: bool, scale, ratio, flip: bool):
-        self.root, self.samples = root, samples
+    def __init__(self, root: Path, samples: list, train: bool, scale, ratio, flip: bool, seed: int):
+        self.root, self.samples, self.seed = root, samples, seed
         self.train, self.scale, self.ratio, self.flip = train, scale, ratio, flip
         self.transforms: dict[int, v2.Transform] = {}
 
@@ -38,22 +40,24 @@ class ManifestImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]):
-        index, resolution = item
+    def __getitem__(self, item: tuple[int, int, int]):
+        index, resolution, epoch = item
         relative, label = self.samples[index]
+        if self.train:   # v2 transforms draw from this worker's global torch generator
+            torch.manual_seed(int(sample_seed(self.seed, epoch, index)))
         image = decode_image(str(self.root / relative), mode=ImageReadMode.RGB)
         # HWC here (in the worker) so the collated NHWC batch is a free channels_last NCHW view
         return self.transform(resolution)(image).permute(1, 2, 0).contiguous(), label
 
 
 class EpochSampler(Sampler):
-    """Yields (index, resolution) for the order the loader set; read in the main process."""
+    """Yields (index, resolution, epoch) for the order the loader set; read in the main process."""
 
     def __init__(self):
-        self.order, self.resolution = np.zeros(0, dtype=np.int64), 0
+        self.order, self.resolution, self.epoch = np.zeros(0, dtype=np.int64), 0, 0
 
     def __iter__(self):
-        return ((int(i), self.resolution) for i in self.order)
+        return ((int(i), self.resolution, self.epoch) for i in self.order)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -76,7 +80,7 @@ class TorchLoader(LoaderBase):
         if not first.is_file():
             raise BetonError(f"Source image {first} (from {self.data_dir}/manifest.json) is missing; the torch "
                              f"backend needs the original folder. Use backend 'ffcv' or 'dali'.")
-        self.dataset = ManifestImages(root, samples, self.train, self.scale, self.ratio, self.flip)
+        self.dataset = ManifestImages(root, samples, self.train, self.scale, self.ratio, self.flip, self.seed)
         self.sampler = EpochSampler()
         # Order and batch size live in the main process, so changing them needs no worker restart.
         self.batch_sampler = BatchSampler(self.sampler, self.batch_size, drop_last=False)
@@ -87,7 +91,7 @@ class TorchLoader(LoaderBase):
 
     def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.order = self.epoch_order(epoch)
-        self.sampler.resolution = self.resolution
+        self.sampler.resolution, self.sampler.epoch = self.resolution, epoch
         self.batch_sampler.batch_size = self.batch_size
         for images, labels in self.dataloader:
             yield self.finish(images.permute(0, 3, 1, 2), labels)

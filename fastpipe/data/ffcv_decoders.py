@@ -1,0 +1,82 @@
+"""FFCV decoders of our own: the random-resized crop and flip of FFCV's stock decoder, drawn from a
+generator seeded by (seed, epoch, sample index).
+
+FFCV 1.0.2 draws crops from numba's per-thread generators, which nobody seeds, so no two runs crop alike.
+Here each sample reseeds its thread's generator first. The epoch reaches the compiled code through
+the reader's metadata table, which FFCV passes to the decoder on every call: `add_epoch_column` gives the
+image field an `epoch` column that the loader sets before each epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.compiler import Compiler
+
+from fastpipe.data.seeding import sample_seed
+
+
+def add_epoch_column(loader, field_name: str) -> np.ndarray:
+    """Replace the FFCV loader's metadata table by a copy whose `field_name` entries have an `epoch`
+    column; returns that column (a view: assign to it before each epoch)."""
+    reader = loader.reader
+    key = f"f{loader.field_name_to_f_ix[field_name]}"
+    old = reader.metadata
+    layout = [(name, np.dtype(old.dtype[name].descr + [("epoch", "<u8")]) if name == key else old.dtype[name])
+              for name in old.dtype.names]
+    table = np.zeros(len(old), dtype=layout)
+    for name in old.dtype.names:
+        if name == key:
+            for column in old.dtype[name].names:
+                table[name][column] = old[name][column]
+        else:
+            table[name] = old[name]
+    reader.metadata = table   # read by every later epoch iterator; the code compiles at first use
+    return table[key]["epoch"]
+
+
+class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCropRGBImageDecoder (same crop distribution) plus an optional horizontal flip,
+    both a function of (seed, epoch, sample index). Needs the `epoch` column of `add_epoch_column`."""
+
+    def __init__(self, output_size, scale, ratio, *, seed: int, flip: bool):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed, self.flip = int(seed), bool(flip)
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        crop_c = Compiler.compile(get_random_crop)
+        scale, ratio = np.array(self.scale), np.array(self.ratio)
+        seed, flip = self.seed, self.flip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                np.random.seed(sample_seed(seed, field["epoch"], source_ix))   # this thread's generator
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    pixels = temp_storage[dst_ix]
+                    imdecode_c(image_data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    pixels = pixels.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    pixels = image_data.reshape(height, width, 3)
+                top, left, crop_h, crop_w = crop_c(height, width, scale, ratio)
+                out = destination[dst_ix]
+                resize_crop_c(pixels, top, top + crop_h, left, left + crop_w, out)
+                if flip and np.random.random() < 0.5:
+                    columns = out.shape[1]
+                    for x in range(columns // 2):   # mirror in place, column pairs
+                        for y in range(out.shape[0]):
+                            for c in range(3):
+                                out[y, x, c], out[y, columns - 1 - x, c] = out[y, columns - 1 - x, c], out[y, x, c]
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
