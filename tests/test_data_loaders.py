@@ -209,3 +209,23 @@ def test_sample_order_shards_pad_like_distributed_sampler_and_cover_everything()
     assert sample_order(10, False, seed=0, epoch=2).tolist() == list(range(10))
     single = sample_order(10, True, seed=0, epoch=2, distributed=True)   # torchrun with one process
     assert sorted(single) == list(range(10))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_augmentation_is_a_function_of_seed_epoch_and_sample(betons, backend):
+    def epoch_pixels(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([images.clone() for images, _ in loader])
+
+    options = dict(batch_size=BATCH, resolution=RES, workers=2, shuffle=False, drop_last=True, normalize=False,
+                   seed=3)
+    fresh = make_loader(backend, betons, "train", **options)
+    wanted = epoch_pixels(fresh, 1)
+    assert not torch.equal(wanted, epoch_pixels(fresh, 2))   # another epoch, other crops and flips
+    # a loader with another history (an epoch stopped after one batch) draws the same for epoch 1
+    other = make_loader(backend, betons, "train", **options)
+    other.set_epoch(0)
+    next(iter(other))
+    assert torch.equal(epoch_pixels(other, 1), wanted)
+    reseeded = make_loader(backend, betons, "train", **{**options, "seed": 4})
+    assert not torch.equal(epoch_pixels(reseeded, 1), wanted)

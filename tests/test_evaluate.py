@@ -152,13 +152,17 @@ def saved_run(betons, tmp_path_factory):
     return run_dir, read_manifest(betons)
 
 
-def test_evaluate_cli_writes_the_report_with_manifest_paths(saved_run, capsys):
+@pytest.mark.parametrize("backend", ["ffcv", "dali", "torch"])
+def test_evaluate_cli_writes_the_report_with_manifest_paths_and_classes_for_every_backend(saved_run, capsys,
+                                                                                         backend):
     from fastpipe.evaluate import main
 
     run_dir, manifest = saved_run
-    assert main([str(run_dir), "--checkpoint", "best"]) == 0
+    out = run_dir / f"eval-{backend}"
+    # one image a batch: 32 batches, so a loader that recycles its label buffers would show it
+    assert main([str(run_dir), "--checkpoint", "best", "--backend", backend, "--out", str(out),
+                 "--data.val_batch_size=1"]) == 0
     assert "top-1" in capsys.readouterr().out
-    out = run_dir / "eval-best"
     samples = manifest["splits"]["val"]["samples"]
     predictions = pd.read_csv(out / "predictions.csv")
     assert predictions["path"].tolist() == [path for path, _ in samples]

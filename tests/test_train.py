@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pandas as pd
 import pytest
@@ -14,10 +16,6 @@ from fastpipe.train import Trainer, TrainingError, main
 
 TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--resolution.end=32",
         "--resolution.val=32", "--schedule.epochs=2", "--train.log_every=100", "--optim.lr=0.1"]
-# No random augmentation, so data loading is a function of (seed, epoch) alone: no flips, and crops of the
-# whole image at aspect 1:2, which no synthetic image (aspect <= 16:9) allows, so every backend takes its
-# fixed centre-crop fallback instead of a randomly placed crop.
-DETERMINISTIC_DATA = ["--augment.min_scale=1.0", "--augment.ratio=[0.5, 0.5]", "--augment.flip=false"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,9 +69,18 @@ def test_fine_tune_with_frozen_backbone_changes_only_the_head(trained_run, beton
     assert not torch.equal(tuned["fc.weight"], source["fc.weight"])
 
 
+def assert_same_run(run_a, run_b):
+    a, b = load_checkpoint(run_a / "last.pt"), load_checkpoint(run_b / "last.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert list(metrics(run_a)["val_loss"]) == list(metrics(run_b)["val_loss"])
+
+
 def test_resume_after_one_epoch_ends_bitwise_equal_to_an_uninterrupted_run(betons, tmp_path):
-    # MixUp draws from torch's global RNG, so this also checks that RNG state survives the resume.
-    config = tiny_config(betons, *DETERMINISTIC_DATA, "--augment.mixup=0.4", "--eval.flip_tta=false")
+    # default random crops and flips; MixUp draws from torch's global RNG, so this also checks that RNG
+    # state survives the resume
+    config = tiny_config(betons, "--augment.mixup=0.4", "--eval.flip_tta=false", "--train.deterministic=true")
     assert Trainer(config, tmp_path / "straight").fit() == 0
 
     first = Trainer(config, tmp_path / "resumed")
@@ -81,13 +88,33 @@ def test_resume_after_one_epoch_ends_bitwise_equal_to_an_uninterrupted_run(beton
     assert first.fit() == 0
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     assert Trainer(config, tmp_path / "resumed", resume=True).fit() == 0
-
-    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    for key, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][key]), key
-    assert straight["optimizer"]["param_groups"][0]["lr"] == resumed["optimizer"]["param_groups"][0]["lr"]
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
     assert list(metrics(tmp_path / "resumed")["train_loss"]) == list(metrics(tmp_path / "straight")["train_loss"])
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_equal_to_straight_runs_which_equal_each_other(betons, tmp_path):
+    # ffcv with its default augmentation: crops and flips are a function of (seed, epoch, sample index)
+    config = tiny_config(betons, "--train.deterministic=true", "--eval.flip_tta=false")
+    assert config.augment.min_scale < 1 and config.augment.flip and config.data.backend == "ffcv"
+    for name in ("straight", "rerun"):
+        assert Trainer(config, tmp_path / name).fit() == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "rerun")
+
+    interrupted = Trainer(config, tmp_path / "resumed")
+    forwards = []
+
+    def sigterm_at_step_9(module, args):   # 6 steps an epoch: step 3 of epoch 2
+        if module.training:
+            forwards.append(1)
+            if len(forwards) == 9:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted.model.register_forward_pre_hook(sigterm_at_step_9)
+    assert interrupted.fit() == 0
+    state = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (state["epoch"], state["step"], state["completed"]) == (1, 3, False)
+    assert Trainer(config, tmp_path / "resumed", resume=True).fit() == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_progressive_stages_change_resolution_batch_and_lr_compiling_once_per_shape(betons, tmp_path):
