@@ -47,11 +47,13 @@ def training_state(*, model, optimizer, scheduler, scaler, epoch: int, completed
             "best_top1": best_top1, "epochs_since_best": epochs_since_best, **extra}
 
 
-def restore_training(state: dict, *, model, optimizer, scheduler, scaler) -> None:
-    """Load weights, optimizer, schedule position, scaler and RNG streams from `training_state` output."""
+def restore_training(state: dict, *, model, optimizer, scheduler, scaler, schedule: bool = True) -> None:
+    """Load weights, optimizer, scaler and RNG streams from `training_state` output, and the schedule's
+    position unless `schedule` is False (a run continued for another length keeps its new schedule)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if schedule:
+        scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])

@@ -5,6 +5,7 @@ and a resumed run rebuilds exactly the same one.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,12 @@ def rescale_lr(optimizer: torch.optim.Optimizer, ratio: float) -> None:
     for group in optimizer.param_groups:
         for key in ("lr", "initial_lr", "max_lr", "min_lr"):
             group[key] *= ratio
+
+
+def continue_schedule(scheduler, step: int) -> None:
+    """Move a freshly built OneCycleLR to `step` (the optimizer's groups already hold their peak and floor)
+    and set that step's LR and momentum, as if it had been stepped there."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():   # torch warns about a scheduler step before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()

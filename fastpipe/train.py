@@ -31,7 +31,7 @@ from fastpipe.config import Config, ConfigError, argument_parser, load_config, t
 from fastpipe.data.beton import BetonError
 from fastpipe.data_wait import DataWait
 from fastpipe.model import set_train_mode, summarize
-from fastpipe.optim import plan_epochs, rescale_lr
+from fastpipe.optim import continue_schedule, plan_epochs, rescale_lr
 from fastpipe.runtime import StopRequest, TrainingError
 
 
@@ -69,6 +69,7 @@ class Trainer:
                                                             f"{text}\n")
         self.stop = StopRequest()
         self.start_epoch, self.skip_steps = 0, 0
+        self.wall_before, self.started = 0.0, time.perf_counter()
         self.best_top1, self.epochs_since_best = -1.0, 0
         self.last_eval = None
         if state is not None:
@@ -101,11 +102,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- run
     def fit(self) -> int:
         config, log = self.config, self.report.log
+        if self.start_epoch >= config.schedule.epochs:   # nothing left: keep the finished run's summary
+            log(f"{self.run_dir} already finished its {config.schedule.epochs} epochs; to train longer: python -m "
+                f"fastpipe.train --resume {self.run_dir} --schedule.epochs=N (N > {config.schedule.epochs})")
+            self.report.close()
+            return 0
         log(f"run {self.run_dir} | {config.model.arch} on {self.device} ({self.precision.name}), "
             f"{self.train_loader.num_samples} train images, {len(self.classes)} classes, "
             f"{config.schedule.epochs} epochs, peak lr {self.peak_lr:.4g}, compile {self.compile_counter is not None}")
         self.stop.install()
-        started, status = time.perf_counter(), "finished"
+        self.started, status = time.perf_counter(), "finished"
         try:
             for plan in self.plans[self.start_epoch:]:
                 metrics = self.train_epoch(plan)
@@ -129,7 +135,7 @@ class Trainer:
                     log(f"early stop: val top-1 has not improved for {patience} evaluations")
                     status = "early_stopped"
                     break
-            self.finish(status, time.perf_counter() - started)
+            self.finish(status)
             return 0
         finally:
             self.stop.uninstall()
@@ -261,23 +267,29 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
             completed=completed, step=step, global_step=self.global_step, config=self.config.to_dict(),
             classes=self.classes, peak_lr=self.peak_lr, lr_scale=self.lr_scale, best_top1=self.best_top1,
-            epochs_since_best=self.epochs_since_best, **extra))
+            epochs_since_best=self.epochs_since_best, wall_time_s=self.wall_time(), **extra))
 
     def load_state(self, state: dict) -> None:
         """Continue a run: weights, optimizer, schedule position, scaler, RNG streams and counters."""
         if state.get("classes") != self.classes:
             raise CheckpointError(f"{self.run_dir / 'last.pt'} was trained on other classes than {self.config.data.path}.")
+        planned = int(state["scheduler"]["total_steps"])
         restore_training(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                         scaler=self.scaler)
+                         scaler=self.scaler, schedule=planned == self.total_steps)
         self.step.global_step, self.lr_scale = int(state["global_step"]), float(state["lr_scale"])
         self.best_top1, self.epochs_since_best = float(state["best_top1"]), int(state["epochs_since_best"])
+        self.wall_before = float(state.get("wall_time_s", 0.0))
         self.start_epoch = state["epoch"] + 1 if state["completed"] else state["epoch"]
         self.skip_steps = 0 if state["completed"] else int(state["step"])
-        epochs = self.config.schedule.epochs
-        if self.start_epoch >= epochs:
-            self.report.log(f"{self.run_dir} already finished its {epochs} epochs; to train longer, start a new run "
-                            f"with --init-from {self.run_dir / 'best.pt'} --schedule.epochs=N")
-            return
+        if self.start_epoch >= self.config.schedule.epochs:
+            return   # fit() says so and leaves the run as it is
+        if planned != self.total_steps:
+            # schedule.epochs changed: the one-cycle curve is the one a run planned for the new length from
+            # the start would follow, continued at this step (a finished run's LR rises to that curve again)
+            continue_schedule(self.scheduler, self.global_step)
+            self.report.log(f"schedule.epochs is now {self.config.schedule.epochs}: the one-cycle schedule is "
+                            f"rebuilt for {self.total_steps} steps (was {planned}) and continues at step "
+                            f"{self.global_step}, lr {self.current_lr():.4g}")
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.skip_steps}" if self.skip_steps else "")
         self.report.log(f"resuming {self.run_dir} at {where}")
 
@@ -289,10 +301,14 @@ class Trainer:
         self.report.close()
         return 0
 
-    def finish(self, status: str, seconds: float) -> None:
+    def wall_time(self) -> float:
+        """Seconds of fit() over every session of this run (resumes add up)."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def finish(self, status: str) -> None:
         if not self.main:
             return
-        summary = {"status": status, "wall_time_s": seconds, "peak_lr": self.peak_lr, "arch": self.config.model.arch,
+        summary = {"status": status, "wall_time_s": self.wall_time(), "peak_lr": self.peak_lr, "arch": self.config.model.arch,
                    "backend": self.config.data.backend, "precision": self.precision.name,
                    "world_size": self.dist.world_size, "forward_gflops_per_image": self.flops / 1e9,
                    "graphs_compiled": getattr(self.compile_counter, "graphs", None)}

@@ -184,6 +184,37 @@ def test_a_planted_nan_stops_the_run_within_one_log_interval_with_weights_from_b
         assert torch.equal(trainer.model.state_dict()[key], expected), key
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+def test_a_finished_run_trains_longer_on_the_schedule_rebuilt_for_the_new_length(betons, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(betons, f"--run.dir={run_dir}")
+    assert Trainer(config, run_dir).fit() == 0
+    first = json.loads((run_dir / "summary.json").read_text())
+    longer = tiny_config(betons, f"--run.dir={run_dir}", "--schedule.epochs=4")
+    resumed = Trainer(longer, run_dir, resume=True)
+    assert resumed.start_epoch == 2 and resumed.scheduler.total_steps == 4 * 6
+    # the LR where a 4-epoch one-cycle run stands after 12 of its 24 steps
+    planned = Trainer(longer, tmp_path / "planned")
+    for _ in range(12):
+        planned.scheduler.step()
+    assert resumed.current_lr() == pytest.approx(planned.current_lr())
+    assert resumed.fit() == 0
+    history = metrics(run_dir)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+    assert resumed.current_lr() == pytest.approx(0.1 / 25 / 1e4, rel=1e-6)   # annealed to the floor again
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["wall_time_s"] > first["wall_time_s"]
+
+
+def test_resuming_a_finished_run_says_how_to_train_longer_and_keeps_its_summary(trained_run, betons, capsys):
+    summary = (trained_run / "summary.json").read_bytes()
+    assert main(["--resume", str(trained_run)]) == 0
+    assert f"--resume {trained_run} --schedule.epochs=N" in capsys.readouterr().out
+    assert (trained_run / "summary.json").read_bytes() == summary
+    assert "eval" in json.loads(summary)
+
+
 def test_missing_data_message_gives_the_convert_command(tmp_path, capsys):
     code = main(["--config", "cpu-smoke.toml", f"--data.path={tmp_path / 'nowhere'}", f"--run.dir={tmp_path / 'r'}"])
     assert code == 1
