@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from convert.sources import ConvertError, Source
+from convert.sources import LOOSE_REASON, ConvertError, Source
 from convert.validate import BadImage, check_image
 from convert.write import BetonJob, WriterProcess, WriteSettings, die_with_parent, process_context
 from fastpipe.data.beton import (
@@ -74,6 +74,8 @@ def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:
         for path, label in items:
             stat = path.stat()
             digest.update(f"{split}\0{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for split, paths in source.loose.items():   # they are listed in the manifest, so they count too
+        digest.update("".join(f"loose\0{split}\0{path}\n" for path in paths).encode())
     return digest.hexdigest()
 
 
@@ -177,7 +179,9 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
                     reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped[:3])
                     raise ConvertError(f"No usable images in the {split} split of {source.root} "
                                        f"({len(skipped)} skipped, e.g. {reasons}).")
-                splits[split] = {"good": good, "skipped": skipped}
+                loose = [{"path": path.relative_to(source.root).as_posix(), "reason": LOOSE_REASON}
+                         for path in source.loose.get(split, [])]
+                splits[split] = {"good": good, "skipped": loose + skipped}
                 jobs.append(BetonJob(split, temporaries[split], good, settings[split]))
             if pool:
                 pool.close()

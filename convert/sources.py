@@ -24,6 +24,10 @@ class Source:
     layout: str                       # "train_val" or "split"
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)
+    loose: dict[str, list[Path]] = field(default_factory=dict)   # image files outside any class folder
+
+
+LOOSE_REASON = "image file outside any class folder, so it has no label: move it into a class folder to use it"
 
 
 def is_hidden(name: str) -> bool:
@@ -62,6 +66,11 @@ def image_files(folder: Path) -> list[Path]:
         subdirs[:] = sorted(name for name in subdirs if not is_hidden(name))
         found += [Path(directory) / name for name in files if is_image_file(name)]
     return sorted(found)
+
+
+def loose_images(folder: Path) -> list[Path]:
+    """Image files lying directly in `folder`, beside its class folders."""
+    return [Path(entry.path) for entry in _list_dir(folder) if entry.is_file() and is_image_file(entry.name)]
 
 
 def _collect(folder: Path, classes: list[str], split: str) -> dict[str, list[Path]]:
@@ -119,6 +128,7 @@ def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int =
         train = _collect(train_dir, classes, "train")
         val = _collect(val_dir, val_classes, "val")
         layout = "train_val"
+        loose = {"train": loose_images(root) + loose_images(train_dir), "val": loose_images(val_dir)}
     else:
         base = train_dir if train_dir.is_dir() else root
         classes = class_folders(base)
@@ -129,6 +139,7 @@ def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int =
                                f"SRC/train/<class>/<image> and SRC/val/<class>/<image>.")
         train, val = stratified_split(_collect(base, classes, "train"), val_fraction, seed)
         layout = "split"
+        loose = {"train": loose_images(base) + (loose_images(root) if base != root else []), "val": []}
     labels = {name: index for index, name in enumerate(classes)}
     splits = {name: [(path, labels[cls]) for cls in sorted(files) for path in files[cls]]
               for name, files in (("train", train), ("val", val))}
@@ -137,4 +148,4 @@ def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int =
             fix = "use --val-fraction > 0 with at least two images per class" if layout == "split" \
                 else f"add images to {root / name}"
             raise ConvertError(f"The {name} split of {root} is empty: {fix}.")
-    return Source(root=root, layout=layout, classes=classes, splits=splits)
+    return Source(root=root, layout=layout, classes=classes, splits=splits, loose=loose)

@@ -83,3 +83,23 @@ def test_cli_synthetic_then_folder_then_verify(tmp_path, capsys):
 def test_bad_options_are_clear_errors(synthetic_folder, tmp_path, capsys, argv, message):
     assert main(["folder", str(synthetic_folder), "--out", str(tmp_path / "out"), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_loose_images_beside_the_class_folders_are_listed_as_skipped_with_the_reason(tmp_path):
+    import json
+    import shutil
+
+    make_synthetic(tmp_path / "src", classes=2, per_class=4, val_per_class=2, seed=1, min_side=40, max_side=80,
+                   workers=1)
+    one = next((tmp_path / "src" / "train").rglob("*.JPEG"))
+    shutil.copy(one, tmp_path / "src" / "train" / "stray.jpg")
+    shutil.copy(one, tmp_path / "src" / "val" / "stray_val.png")
+    shutil.copy(one, tmp_path / "src" / "beside_train_and_val.jpeg")
+    assert main(["folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    skipped = {split: {item["path"]: item["reason"] for item in info["skipped"]}
+               for split, info in manifest["splits"].items()}
+    assert set(skipped["train"]) == {"train/stray.jpg", "beside_train_and_val.jpeg"}
+    assert set(skipped["val"]) == {"val/stray_val.png"}
+    assert all("outside any class folder" in reason for reasons in skipped.values() for reason in reasons.values())
+    assert manifest["splits"]["train"]["written"] == 8 and manifest["splits"]["val"]["written"] == 4

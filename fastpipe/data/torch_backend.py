@@ -1,5 +1,6 @@
 """torchvision baseline: the split's ORIGINAL image files (listed in the manifest, so exactly the
-beton's samples and labels) decoded and augmented in DataLoader worker processes.
+beton's samples and labels) decoded with PIL, as torchvision's ImageFolder does, and augmented with v2
+transforms in DataLoader worker processes.
 """
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import BetonError
+from fastpipe.data.images import decode_rgb
 from fastpipe.data.seeding import sample_seed
 
 
@@ -40,12 +41,17 @@ class ManifestImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> torch.Tensor:
+        """Sample `index` as a 3xHxW uint8 tensor, decoded as the converter decodes it: PIL (torchvision
+        ImageFolder's own loader) for every format the converter takes, with its EXIF orientation."""
+        return torch.from_numpy(decode_rgb(self.root / self.samples[index][0])).permute(2, 0, 1)
+
     def __getitem__(self, item: tuple[int, int, int]):
         index, resolution, epoch = item
-        relative, label = self.samples[index]
+        label = self.samples[index][1]
         if self.train:   # v2 transforms draw from this worker's global torch generator
             torch.manual_seed(int(sample_seed(self.seed, epoch, index)))
-        image = decode_image(str(self.root / relative), mode=ImageReadMode.RGB)
+        image = self.read(index)
         # HWC here (in the worker) so the collated NHWC batch is a free channels_last NCHW view
         return self.transform(resolution)(image).permute(1, 2, 0).contiguous(), label
 
