@@ -217,8 +217,8 @@ def test_train_augmentation_is_a_function_of_seed_epoch_and_sample(betons, backe
         loader.set_epoch(epoch)
         return torch.cat([images.clone() for images, _ in loader])
 
-    options = dict(batch_size=BATCH, resolution=RES, workers=2, shuffle=False, drop_last=True, normalize=False,
-                   seed=3)
+    options = {"batch_size": BATCH, "resolution": RES, "workers": 2, "shuffle": False, "drop_last": True,
+               "normalize": False, "seed": 3}
     fresh = make_loader(backend, betons, "train", **options)
     wanted = epoch_pixels(fresh, 1)
     assert not torch.equal(wanted, epoch_pixels(fresh, 2))   # another epoch, other crops and flips
