@@ -216,15 +216,22 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     console = make_console()
+    from fastpipe.data.beton import BetonError, check_beton, read_manifest
+
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]
-    if BASELINE not in backends:
+    try:
+        adopted = read_manifest(args.data).get("layout") == "adopted"
+    except BetonError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if adopted:   # no source images: nothing for the baseline to read, so no x torch column
+        backends = [name for name in backends if name != BASELINE]
+        console.print("note: adopted betons have no source images, so the torch baseline does not run")
+    elif BASELINE not in backends:
         backends.append(BASELINE)
     resolutions = parse_int_list(args.res, "res")
     workers = parse_int_list(args.workers, "workers")
     if args.batch_size < 1 or args.epochs < 1 or args.warmup < 0 or (args.max_batches or 1) < 1:
         raise SystemExit("error: --batch-size, --epochs and --max-batches must be >= 1 and --warmup >= 0")
-    from fastpipe.data.beton import BetonError, check_beton
-
     try:
         check_beton(args.data, args.split)
     except BetonError as exc:

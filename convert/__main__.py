@@ -1,4 +1,4 @@
-"""Command line: `python -m convert {imagenet-mini,folder,synthetic,verify,info}`.
+"""Command line: `python -m convert {imagenet-mini,folder,synthetic,adopt,verify,info}`.
 
 Run `python -m convert COMMAND --help` for the options of each command.
 """
@@ -105,6 +105,12 @@ def cmd_synthetic(args) -> None:
           f"Convert them with `python -m convert folder {args.out} --out DIR`.")
 
 
+def cmd_adopt(args) -> None:
+    from convert.adopt import adopt
+
+    adopt(args.dir, classes_file=args.classes, train=args.train, val=args.val, force=args.force)
+
+
 def cmd_verify(args) -> None:
     from convert.verify import verify
 
@@ -147,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--jpeg-quality", type=int, default=90)
     synthetic.add_argument("--workers", type=int, default=os.cpu_count())
     synthetic.set_defaults(run=cmd_synthetic)
+
+    adopt = commands.add_parser("adopt", help="write the manifest for betons FFCV wrote itself (no re-conversion)")
+    adopt.add_argument("dir", help="folder holding the betons; manifest.json is written there")
+    adopt.add_argument("--classes", help="text file with one class name per line, in label order "
+                                         "(default: the classes are numbered)")
+    adopt.add_argument("--train", default="train.beton", help="train beton in DIR (default: %(default)s)")
+    adopt.add_argument("--val", default="val.beton", help="val beton in DIR (default: %(default)s)")
+    adopt.add_argument("--force", action="store_true", help="replace an existing manifest.json")
+    adopt.set_defaults(run=cmd_adopt)
 
     for name, run, text in (("verify", cmd_verify, "decode every sample and check it against the manifest"),
                             ("info", cmd_info, "summary: classes, counts, size on disk, resolutions")):

@@ -109,7 +109,7 @@ class LoaderBase:
     def finish(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backend output (uint8 NCHW, any device) -> the interface's batch."""
         images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, dtype=torch.int64, non_blocking=True).view(-1)
+        labels = labels.to(self.device, dtype=torch.int64, non_blocking=True).reshape(-1)
         if self.normalizer is not None:
             return self.normalizer(images), labels
         return images.contiguous(memory_format=torch.channels_last), labels

@@ -86,6 +86,11 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise BetonError(f"Data folder {data_dir} does not exist. {convert_hint(data_dir)}")
     path = data_dir / MANIFEST_NAME
     if not path.is_file():
+        betons = sorted(p.name for p in data_dir.glob("*.beton"))
+        if betons:
+            raise BetonError(f"No manifest at {path}, but the folder holds {', '.join(betons)}: for betons FFCV "
+                             f"wrote itself, create it with `python -m convert adopt {data_dir}` (add "
+                             f"--classes FILE for class names, --train/--val for other file names).")
         raise BetonError(f"No manifest at {path}: this folder was not written by `python -m convert`. "
                          f"{convert_hint(data_dir)}")
     try:

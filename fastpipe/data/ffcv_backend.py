@@ -88,7 +88,9 @@ class FFCVLoader(LoaderBase):
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         image_pipeline = [self.decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
         label_pipeline = [IntDecoder(), ToTensor(), *to_device]
-        names = {kind: name for name, kind in read_fields(path)}   # adopted betons may name them otherwise
+        fields = read_fields(path)
+        names = {kind: name for name, kind in fields}   # adopted betons may name them otherwise ...
+        self.image_first = fields[0][1] == IMAGE_FIELD   # ... or store the label first: FFCV yields file order
         if not self.shuffle:
             ffcv_order = OrderOption.SEQUENTIAL
         else:
@@ -108,7 +110,8 @@ class FFCVLoader(LoaderBase):
         # One FFCV epoch iterator (a thread) per epoch, closed even when the caller stops early.
         epoch_iterator = iter(self.loader)
         try:
-            for images, labels in epoch_iterator:
+            for first, second in epoch_iterator:
+                images, labels = (first, second) if self.image_first else (second, first)
                 # Batches live in FFCV's reused slots: `finish` makes a new tensor when normalising;
                 # a caller keeping uint8 batches across steps must clone them.
                 yield self.finish(images, labels)

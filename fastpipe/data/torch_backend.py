@@ -76,7 +76,10 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, data, split: str = "train", *, prefetch_factor: int = 2, **common):
         super().__init__(data, split, **common)
-        root = Path(self.manifest.get("source_root", ""))
+        if self.manifest.get("layout") == "adopted":
+            raise BetonError(f"{self.data_dir} holds adopted betons (`python -m convert adopt`): there are no "
+                             f"source images for the torch baseline to read. Use backend 'ffcv' or 'dali'.")
+        root = Path(self.manifest.get("source_root") or "")
         samples = self.split_info.get("samples")
         if not samples or not root.is_dir():
             raise BetonError(f"The torch backend reads the original images, but {self.data_dir}/manifest.json "
