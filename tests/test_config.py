@@ -131,3 +131,22 @@ def test_help_lists_every_config_key_with_its_type_default_and_meaning(capsys):
 def test_to_toml_escapes_control_characters():
     config = load_config(None, {"run": {"name": 'tab\there "quoted" \x01 bell', "dir": "line\nbreak"}})
     assert from_dict(tomllib.loads(to_toml(config))) == config
+
+
+def test_every_augment_key_reaches_the_loaders_or_the_step():
+    import torch
+
+    from fastpipe.build import Runtime, build_mix, loader_args
+    from fastpipe.distributed import DistInfo
+    from fastpipe.runtime import resolve_precision
+
+    config = load_config(None, {"augment": {"min_scale": 0.3, "max_scale": 0.6, "ratio": [0.5, 2.0],
+                                            "flip": False, "mixup": 0.2, "cutmix": 0.0}})
+    runtime = Runtime(torch.device("cpu"), resolve_precision("off", "cpu"), DistInfo())
+    train = loader_args(config, "train", runtime)
+    assert (train["min_scale"], train["max_scale"], train["ratio"], train["flip"]) == (0.3, 0.6, (0.5, 2.0), False)
+    assert build_mix(config, 10) is not None            # mixup / cutmix act in the step, for every backend
+    loader_keys = {"min_scale", "max_scale", "ratio", "flip"}
+    assert {f.name for f in dataclasses.fields(config.augment)} == loader_keys | {"mixup", "cutmix"}
+    val = loader_args(config, "val", runtime)
+    assert not loader_keys & set(val) and val["shuffle"] is False and val["resolution"] == config.resolution.val

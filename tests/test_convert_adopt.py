@@ -86,7 +86,7 @@ def test_loaders_read_adopted_betons_with_their_labels(imagenet_style, backend):
     assert labels.tolist() == Pictures(24, seed=3).labels.tolist()
 
 
-def test_train_evaluate_and_benchmark_run_on_adopted_betons(imagenet_style, tmp_path):
+def test_train_evaluate_and_benchmark_run_on_adopted_betons(imagenet_style, tmp_path, monkeypatch):
     from benchmarks.__main__ import main as bench_main
     from fastpipe.config import load_config
     from fastpipe.evaluate import evaluate_run
@@ -98,7 +98,7 @@ def test_train_evaluate_and_benchmark_run_on_adopted_betons(imagenet_style, tmp_
     config = load_config("cpu-smoke.toml", [f"--data.path={imagenet_style}", "--data.workers=1",
                                             "--data.batch_size=12", "--resolution.start=32", "--resolution.end=32",
                                             "--resolution.val=32", "--schedule.epochs=2"])
-    RunReport.plot = lambda self, **kwargs: {}
+    monkeypatch.setattr(RunReport, "plot", lambda self, **kwargs: {})
     assert Trainer(config, tmp_path / "run").fit() == 0
     summary = evaluate_run(tmp_path / "run", "best")
     predictions = pd.read_csv(tmp_path / "run" / "eval-best" / "predictions.csv")

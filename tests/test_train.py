@@ -184,7 +184,7 @@ def test_a_planted_nan_stops_the_run_within_one_log_interval_with_weights_from_b
         assert torch.equal(trainer.model.state_dict()[key], expected), key
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_a_finished_run_trains_longer_on_the_schedule_rebuilt_for_the_new_length(betons, tmp_path):
     run_dir = tmp_path / "run"
     config = tiny_config(betons, f"--run.dir={run_dir}")
