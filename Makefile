@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 DATA    := data
 DEMO    := $(DATA)/demo
 
@@ -18,13 +18,13 @@ sysdeps:
 	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
 	else echo "fastpipe needs system libraries for ffcv. Run:  sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory sysdeps
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	# numpy and cython first: ffcv's setup.py imports numpy while building
-	$(VPY) -m pip install -q "numpy>=1.26" cython pkgconfig
-	$(VPY) -m pip install -q --no-build-isolation -e '.[dali,dev]'
+	$(VPY) -m pip install -q -c constraints.txt numpy cython pkgconfig
+	$(VPY) -m pip install -q --no-build-isolation -c constraints.txt -e '.[dali,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

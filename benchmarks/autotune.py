@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +49,33 @@ def worker_counts(cores: int) -> list[int]:
     return [*counts, cores]
 
 
+def spread(items: list) -> list:
+    """`items` reordered so that every prefix samples the whole range: the last, the first, then the
+    midpoints of the gaps left, level by level. A search that runs out of budget part-way through its
+    first rung has then still tried few and many workers alike, not just the first few counts."""
+    if len(items) <= 2:
+        return items[::-1]
+    order, gaps = [len(items) - 1, 0], [(0, len(items) - 1)]
+    while gaps:
+        next_gaps = []
+        for low, high in gaps:
+            if high - low > 1:
+                middle = (low + high) // 2
+                order.append(middle)
+                next_gaps += [(low, middle), (middle, high)]
+        gaps = next_gaps
+    return [items[index] for index in order]
+
+
 def loader_candidates(backend: str, device: str, cores: int) -> list[tuple]:
-    """Hashable settings: tuples of (name, value) pairs passed on to build_loader."""
+    """Hashable settings: tuples of (name, value) pairs passed on to build_loader, in `spread` order.
+    With DALI on a GPU, the prefetch depth and the hardware decoder's share of JPEGs are tuned too."""
     workers = [(("workers", count),) for count in worker_counts(cores)]
     if backend != "dali" or device != "cuda":
-        return workers
-    return [(*base, ("prefetch", prefetch), ("hw_decoder_load", load))
-            for base in workers for prefetch in DALI_GPU_OPTIONS["prefetch"]
-            for load in DALI_GPU_OPTIONS["hw_decoder_load"]]
+        return spread(workers)
+    return spread([(*base, ("prefetch", prefetch), ("hw_decoder_load", load))
+                   for base in workers for prefetch in DALI_GPU_OPTIONS["prefetch"]
+                   for load in DALI_GPU_OPTIONS["hw_decoder_load"]])
 
 
 MIN_STEPS_PER_EPOCH = 8
@@ -270,6 +288,7 @@ def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
     from benchmarks.measure import resolve_device
     from benchmarks.train_step import build_train_step
+    from fastpipe.build import usable_cores
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
 
@@ -286,8 +305,7 @@ def run(args) -> int:
         raise SystemExit(f"error: data.backend of {args.config}: {reason}")
     console = make_console()
     device = resolve_device(args.device)
-    cores = args.max_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else os.cpu_count() or 1)
+    cores = args.max_workers or usable_cores()
     memory_limit = (args.memory_limit_gb or psutil.virtual_memory().total / 2**30 / 2) * 2**30
     # A batch that leaves fewer than MIN_STEPS_PER_EPOCH steps per epoch trains badly however fast it is.
     largest_batch = min(args.max_batch_size, max(args.min_batch_size, train_samples // MIN_STEPS_PER_EPOCH))

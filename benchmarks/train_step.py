@@ -120,7 +120,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
     from benchmarks.measure import device_name, resolve_device
-    from fastpipe.build import build_loader, build_runtime
+    from fastpipe.build import build_loader, build_runtime, data_workers
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
 
@@ -134,7 +134,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     resolution = args.res or config.schedule_for_resolution().resolution_at(0)
     batch_size = args.batch_size or config.data.batch_size
-    workers = args.workers or config.data.workers
+    workers = args.workers or data_workers(config)
     notes: list[str] = []
     try:
         num_classes = len(read_manifest(config.data.path)["classes"])

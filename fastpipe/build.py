@@ -6,6 +6,7 @@ build through these functions and nowhere else, so a benchmark times exactly wha
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +47,21 @@ def build_runtime(config: Config, *, distributed: bool = False, device: str | No
 
 
 # ------------------------------------------------------------------------------------------- loaders
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def data_workers(config: Config) -> int:
+    return usable_cores() if config.data.workers == "auto" else config.data.workers
+
+
 def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:
     """`build_loader` keyword arguments for `split`: the train split gets the first epoch's resolution and
     batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
     benchmark's resolution, workers, backend options ...) replace single entries."""
     data, augment = config.data, config.augment
-    args = dict(backend=data.backend, data=data.path, split=split, workers=data.workers, device=str(runtime.device),
+    args = dict(backend=data.backend, data=data.path, split=split, workers=data_workers(config), device=str(runtime.device),
                 dtype=runtime.precision.dtype, seed=config.train.seed, **data.options)
     if split == "train":
         schedule = config.schedule_for_resolution()

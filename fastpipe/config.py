@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = "data/betons/imagenet-mini"   # folder of betons + manifest.json (from `python -m convert`)
     backend: Literal["ffcv", "dali", "torch"] = "ffcv"   # loader: FFCV, NVIDIA DALI or the torchvision baseline
-    workers: int = 8                     # loader worker processes (DALI: threads)
+    workers: int | Literal["auto"] = "auto"   # loader worker processes (DALI: threads); auto: the usable cores
     batch_size: int = 256                # per process; optim.lr is the peak LR for this batch size
     val_batch_size: int = 0              # 0: same as batch_size
     options: dict = field(default_factory=dict)   # backend keyword arguments, e.g. {order = "quasi_random"}
@@ -330,7 +330,7 @@ def validate(config: Config) -> None:
     """Range checks the type system cannot express."""
     checks = [
         (config.data.batch_size >= 1, "data.batch_size must be at least 1"),
-        (config.data.workers >= 0, "data.workers must be 0 or more"),
+        (config.data.workers == "auto" or config.data.workers >= 1, "data.workers must be at least 1 or \"auto\""),
         (config.schedule.epochs >= 1, "schedule.epochs must be at least 1"),
         (0 < config.schedule.pct_start < 1, "schedule.pct_start must be between 0 and 1"),
         (0 < config.augment.min_scale <= config.augment.max_scale <= 1,

@@ -287,3 +287,17 @@ def test_convert_subcommand_hands_its_arguments_to_the_converter_benchmark(capsy
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "python -m benchmarks convert" in capsys.readouterr().out
+
+
+def test_autotune_tries_few_and_many_workers_first_so_a_short_budget_still_spans_the_range():
+    from benchmarks.autotune import loader_candidates, spread
+
+    assert spread([1, 2, 4, 8, 16]) == [16, 1, 4, 2, 8]
+    assert sorted(spread(list(range(11)))) == list(range(11))
+    first = [dict(setting)["workers"] for setting in loader_candidates("ffcv", "cpu", 16)[:3]]
+    assert first == [16, 1, 4]
+    # DALI on a GPU: thread counts, prefetch depths and hardware-decoder shares all in the grid, and its
+    # first six trials already reach both ends of the thread range
+    grid = loader_candidates("dali", "cuda", 16)
+    assert {dict(setting)["hw_decoder_load"] for setting in grid} == {0.0, 0.5, 0.75}
+    assert {1, 16} <= {dict(setting)["workers"] for setting in grid[:6]}

@@ -1,21 +1,25 @@
 """torchvision baseline: the split's ORIGINAL image files (listed in the manifest, so exactly the
-beton's samples and labels) decoded with PIL, as torchvision's ImageFolder does, and augmented with v2
-transforms in DataLoader worker processes.
+beton's samples and labels) decoded with torchvision.io (PIL for the formats it lacks) to the same pixels
+the converter wrote, and augmented with v2 transforms in DataLoader worker processes.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import BetonError
-from fastpipe.data.images import decode_rgb
+from fastpipe.data.images import SNIFF_BYTES, decode_rgb, sniff_format
 from fastpipe.data.seeding import sample_seed
+
+TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
 
 
 class ManifestImages(Dataset):
@@ -42,15 +46,24 @@ class ManifestImages(Dataset):
         return len(self.samples)
 
     def read(self, index: int) -> torch.Tensor:
-        """Sample `index` as a 3xHxW uint8 tensor, decoded as the converter decodes it: PIL (torchvision
-        ImageFolder's own loader) for every format the converter takes, with its EXIF orientation."""
-        return torch.from_numpy(decode_rgb(self.root / self.samples[index][0])).permute(2, 0, 1)
+        """Sample `index` as a 3xHxW uint8 tensor with the converter's pixels: torchvision's libjpeg-turbo/
+        libpng/libwebp decoders (EXIF orientation applied) where they agree with it, the converter's own
+        decoder (PIL) for the rest: BMP, TIFF, PPM and 16-bit PNG (tests/test_data_formats.py)."""
+        path = self.root / self.samples[index][0]
+        with warnings.catch_warnings():   # torchvision 0.29 points to torchcodec; these still work
+            warnings.simplefilter("ignore", DeprecationWarning)
+            data = read_file(str(path))
+            if sniff_format(data[:SNIFF_BYTES].numpy().tobytes()) in TORCHVISION_FORMATS:
+                image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                if image.dtype == torch.uint8:
+                    return image
+        return torch.from_numpy(decode_rgb(path)).permute(2, 0, 1)
 
     def __getitem__(self, item: tuple[int, int, int]):
         index, resolution, epoch = item
         label = self.samples[index][1]
         if self.train:   # v2 transforms draw from this worker's global torch generator
-            torch.manual_seed(int(sample_seed(self.seed, epoch, index)))
+            torch.default_generator.manual_seed(int(sample_seed(self.seed, epoch, index)))   # CPU only: 100x cheaper than torch.manual_seed
         image = self.read(index)
         # HWC here (in the worker) so the collated NHWC batch is a free channels_last NCHW view
         return self.transform(resolution)(image).permute(1, 2, 0).contiguous(), label
