@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {loaders,autotune,compare,train-step,convert} ...`.
+"""Command line: `python -m benchmarks {loaders,autotune,compare,train-step,gpu,convert} ...`.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> exit code`;
 modules are imported only when their subcommand runs, so `--help` stays fast.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "autotune": ("benchmarks.autotune", "tune loader workers and batch size for a config in a time budget"),
     "compare": ("benchmarks.compare", "compare two results JSON files row by row"),
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),
+    "gpu": ("benchmarks.gpu", "the GPU run in one command: preflight, gpu tests, loaders, training, graphs"),
 }
 CONVERTER = "benchmarks.converter"
 
