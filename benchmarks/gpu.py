@@ -38,7 +38,7 @@ FIXES = {
 REPO = Path(__file__).resolve().parent.parent
 LOADER_COLUMNS = {"backend": "backend", "storage": "storage", "res": "res", "workers": "workers",
                   "batch_size": "batch", "img_per_s": "img/s", "ratio_to_torch": "x torch", "peak_rss_mb": "peak RSS MB",
-                  "cpu_util_pct": "CPU %"}
+                  "cpu_util_pct": "CPU %", "feed_us_per_sample": "feed µs/img"}
 TRAIN_COLUMNS = {"arch": "model", "feed": "feed", "storage": "storage", "res": "res", "batch_size": "batch",
                  "img_per_s": "img/s", "ratio_to_synthetic": "x synthetic"}
 

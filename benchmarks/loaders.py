@@ -32,6 +32,7 @@ LEGEND = [
     ("PSS MB: proportional set size of the same tree at the end of the fullest timed epoch "
      "(shared pages split between processes)"),
     "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
+    "feed µs/img: DALI only, main-thread time spent handing each sample to the pipeline (timed epochs)",
     "each row runs in its own fresh process unless --no-isolate was given (see settings)",
 ]
 
@@ -97,6 +98,9 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
             warmup_s += time_epoch(loader, device, max_batches, advance)[1]
         rates, rss_after_epoch, pss_after_epoch = [], [], []
         images = 0
+        feed = getattr(loader, "feed", None)   # DALI: main-thread time handing batches over
+        if feed is not None:
+            feed.reset()
         for epoch in range(warmup, warmup + epochs):
             loader.set_epoch(epoch)
             images, seconds = time_epoch(loader, device, max_batches, advance)
@@ -119,6 +123,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "pss_mb": round(max(pss_after_epoch) / 2**20, 1) if None not in pss_after_epoch else None,
         "cpu_util_pct": round(usage.cpu_util_pct, 1),
         "rss_growth_pct": None if growth is None else round(growth, 2),
+        "feed_us_per_sample": None if feed is None or feed.us_per_sample is None else round(feed.us_per_sample, 2),
         "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
         "options": options or {},
     }

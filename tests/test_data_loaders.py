@@ -229,3 +229,33 @@ def test_train_augmentation_is_a_function_of_seed_epoch_and_sample(betons, backe
     assert torch.equal(epoch_pixels(other, 1), wanted)
     reseeded = make_loader(backend, betons, "train", **{**options, "seed": 4})
     assert not torch.equal(epoch_pixels(reseeded, 1), wanted)
+
+
+def test_dali_is_fed_views_of_the_beton_with_raw_samples_as_pixels_not_ppm(mixed_dir):
+    from fastpipe.data.dali_backend import BetonSource
+
+    samples = BetonSamples(mixed_dir / "val.beton")
+    source = BetonSource(samples, batch_size=len(samples), crop_windows=True)
+    source.order = np.arange(len(samples))
+    encoded, is_raw, shapes, labels, anchors, windows = next(iter(source))
+    for index, data in enumerate(encoded):
+        assert np.shares_memory(data, samples.data)   # no copy on the Python side
+        if is_raw[index]:
+            assert data.size == int(np.prod(shapes[index])) == samples.width[index] * samples.height[index] * 3
+        else:
+            assert bytes(data[:3]) == b"\xff\xd8\xff"   # JPEG bytes, as stored
+    assert is_raw.any() and not is_raw.all()
+    assert labels.tolist() == samples.labels.tolist()
+
+
+def test_the_loader_benchmark_reports_the_dali_feed_cost(mixed_dir, tmp_path):
+    import json
+
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "loaders"
+    assert main(["loaders", "--data", str(mixed_dir), "--backends", "dali", "--res", "32", "--workers", "1",
+                 "--batch-size", "4", "--epochs", "1", "--warmup", "0", "--no-isolate", "--out", str(out)]) == 0
+    rows = {row["backend"]: row for row in json.loads((out / "results.json").read_text())["results"]}
+    assert rows["dali"]["feed_us_per_sample"] > 0 and rows["torch"]["feed_us_per_sample"] is None
+    assert "feed µs/img" in (out / "results.md").read_text()

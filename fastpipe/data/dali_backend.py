@@ -1,26 +1,22 @@
-"""DALI backend: the beton's stored bytes go through `fn.external_source` into DALI's decoders.
+"""DALI backend: the beton's stored bytes go through `fn.external_source` into DALI.
 
-JPEG samples are decoded with ROI decoding (only the crop region); raw-pixel samples (beton write
-modes raw/smart/proportion) are wrapped as binary PPM so one decoder handles both. Without a GPU the
-whole pipeline runs on the CPU (device_id=None); with one, decoding is "mixed" (nvJPEG).
+A batch is fed as views into the memory-mapped beton (no per-sample copy or header in Python), with a
+per-sample "raw" flag and shape. A DALI conditional splits the batch: JPEG samples go to the decoders with
+ROI decoding (only the crop region; nvJPEG with device="mixed" on a GPU), raw-pixel samples (write modes
+raw/smart/proportion) are reshaped to HxWx3 and cropped without any decoder. Without a GPU the whole
+pipeline runs on the CPU (device_id=None).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
-from fastpipe.data.beton import BetonSamples, check_beton
+from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
 from fastpipe.data.seeding import sample_seed
-
-
-def ppm_bytes(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    # No DALI operator takes a mix of encoded and raw images; a 15-byte PPM header makes raw
-    # pixels decodable by the same image decoder at the cost of one copy.
-    header = np.frombuffer(f"P6\n{width} {height}\n255\n".encode(), dtype=np.uint8)
-    return np.concatenate([header, pixels])
 
 
 def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,37 +28,80 @@ def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarr
 
 
 class BetonSource:
-    """Batches of (encoded images, labels[, val crop anchors, val crop shapes]) in the epoch's order.
+    """Batches of (image bytes, is-raw flags, HxWx3 shapes, labels[, val crop anchors, shapes]) in the
+    epoch's order. Image bytes are views into the beton's memory map: DALI copies them once, into its own
+    buffers; the Python side does a few array operations per batch and one slice per sample.
 
     With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
     order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
     """
 
     def __init__(self, samples: BetonSamples, batch_size: int, crop_windows: bool):
-        self.samples = samples
         self.batch_size = batch_size
         self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
         self.order = np.zeros(0, dtype=np.int64)
+        self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
+        self.raw = samples.mode == MODE_RAW
+        pixels = samples.width * samples.height * 3   # raw regions may be padded past the pixels
+        self.starts = samples.offset
+        self.ends = samples.offset + np.where(self.raw, pixels, samples.size)
+        self.shapes = np.stack([samples.height, samples.width, np.full_like(samples.width, 3)], axis=1)
+        self.labels, self.width, self.height = samples.labels, samples.width, samples.height
+        self.fed = 0   # samples handed to DALI, for the feed cost
+        self.alive: list = []
 
     def __iter__(self):
-        samples, order = self.samples, self.order
+        data, order = self.data, self.order
+        # Everything DALI reads is a view of arrays this object keeps (the external source runs with
+        # no_copy): the epoch's columns in epoch order, kept until the epoch after next starts.
+        columns = [self.raw[order], self.shapes[order], self.labels[order]]
+        if self.crop_windows:
+            columns += center_crop_windows(self.width[order], self.height[order])
+        self.alive = [*self.alive[-1:], columns]
+        starts, ends = self.starts[order].tolist(), self.ends[order].tolist()
         for start in range(0, len(order), self.batch_size):
-            indices = order[start:start + self.batch_size]
-            encoded = [ppm_bytes(samples.encoded(i), samples.width[i], samples.height[i])
-                       if samples.is_raw(i) else samples.encoded(i) for i in indices]
-            if self.crop_windows:
-                yield encoded, samples.labels[indices], *center_crop_windows(samples.width[indices],
-                                                                             samples.height[indices])
-            else:
-                yield encoded, samples.labels[indices]
+            stop = min(start + self.batch_size, len(order))
+            encoded = [data[begin:end] for begin, end in zip(starts[start:stop], ends[start:stop])]
+            self.fed += stop - start
+            yield encoded, *(column[start:stop] for column in columns)
+
+
+class FeedCost:
+    """Main-thread time spent handing batches to DALI (wall clock: thread_time is a slow syscall on some
+    virtual machines), and the samples handed over."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.sources: list[BetonSource] = []
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        for source in self.sources:
+            source.fed = 0
+
+    @property
+    def us_per_sample(self) -> float | None:
+        samples = sum(source.fed for source in self.sources)
+        return 1e6 * self.seconds / samples if samples else None
 
 
 class EpochRunner:
     """One built pipeline (fixed resolution and batch size) with its source and iterator."""
 
-    def __init__(self, pipeline, source: BetonSource):
+    def __init__(self, pipeline, source: BetonSource, feed: FeedCost):
         self.pipeline, self.source, self.iterator = pipeline, source, None
         self.finished = True   # False while an epoch is in flight
+        # DALI runs the external source in the calling thread, in Pipeline._run_input_callbacks (it
+        # reads the source, then copies the batch in); timing it there is the main thread's feed cost.
+        callbacks = pipeline._run_input_callbacks
+
+        def timed():
+            started = time.perf_counter()
+            try:
+                return callbacks()
+            finally:
+                feed.seconds += time.perf_counter() - started
+        pipeline._run_input_callbacks = timed
 
     def epoch(self, order: np.ndarray):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -93,6 +132,7 @@ class DALILoader(LoaderBase):
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.hw_decoder_load, self.prefetch = hw_decoder_load, int(prefetch)
         self.runners: dict[tuple[int, int], EpochRunner] = {}   # DALI fixes sizes when it builds
+        self.feed = FeedCost()
 
     def build_pipeline(self, resolution: int, batch_size: int, epoch: int = 0) -> EpochRunner:
         from nvidia.dali import fn, pipeline_def, types
@@ -100,27 +140,42 @@ class DALILoader(LoaderBase):
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
         source = BetonSource(self.samples, batch_size, crop_windows=not self.train)
 
-        @pipeline_def
-        def pipeline():
-            dtypes = [types.UINT8, types.INT64] + ([] if self.train else [types.FLOAT, types.FLOAT])
-            outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, cycle="raise",
-                                         dtype=dtypes)
-            encoded, labels = outputs[:2]
+        def crop_raw(pixels, window):
+            """Raw HxWx3 pixels (no decoder): the random-resized crop, or the val window, then the size."""
+            if self.train:
+                return fn.random_resized_crop(pixels, size=(resolution, resolution), random_area=self.scale,
+                                              random_aspect_ratio=self.ratio, num_attempts=10)
+            cropped = fn.slice(pixels, *window, axis_names="WH", normalized_anchor=False, normalized_shape=False)
+            return fn.resize(cropped, resize_x=resolution, resize_y=resolution)
+
+        def crop_encoded(encoded, window):
+            """JPEG bytes: decode only the crop region (ROI decoding), then the size."""
             if self.train:
                 images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=self.scale,
                                                        random_aspect_ratio=self.ratio, num_attempts=10,
                                                        **decoder_args)
-                images = fn.resize(images, resize_x=resolution, resize_y=resolution)
-                mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
             else:
                 # crop, then resize: FFCV's geometry (the same region as resize to res / 0.875 and
                 # centre-crop res), and the ROI decoder skips the borders
-                anchor, shape = outputs[2:]
-                images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", output_type=types.RGB,
+                images = fn.decoders.image_slice(encoded, *window, axis_names="WH", output_type=types.RGB,
                                                  normalized_anchor=False, normalized_shape=False,
                                                  **decoder_args)
-                images = fn.resize(images, resize_x=resolution, resize_y=resolution)
-                mirror = 0
+            return fn.resize(images, resize_x=resolution, resize_y=resolution)
+
+        @pipeline_def(enable_conditionals=True)
+        def pipeline():
+            dtypes = [types.UINT8, types.BOOL, types.INT64, types.INT64]
+            dtypes += [] if self.train else [types.FLOAT, types.FLOAT]
+            # no_copy: DALI reads the beton's pages where they are mapped, in its own threads
+            outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, cycle="raise",
+                                         dtype=dtypes, no_copy=True)
+            data, is_raw, shape, labels = outputs[:4]
+            if is_raw:   # a DALI conditional: the batch splits per sample and merges again
+                pixels = fn.reshape(data, shape=fn.cast(shape, dtype=types.INT32), layout="HWC")
+                images = crop_raw(pixels.gpu() if gpu else pixels, outputs[4:])
+            else:
+                images = crop_encoded(data, outputs[4:])
+            mirror = fn.random.coin_flip(probability=0.5) if self.train and self.flip else 0
             # HWC out: the NCHW view of an NHWC batch is already channels_last
             images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
             # labels reach the GPU inside the pipeline, on its stream, like the images
@@ -130,7 +185,8 @@ class DALILoader(LoaderBase):
                          device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
                          seed=int(sample_seed(self.seed, epoch, self.rank)))
         built.build()
-        return EpochRunner(built, source)
+        self.feed.sources.append(source)
+        return EpochRunner(built, source, self.feed)
 
     def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.epoch_order(epoch)
