@@ -237,7 +237,8 @@ def test_dali_is_fed_views_of_the_beton_with_raw_samples_as_pixels_not_ppm(mixed
     samples = BetonSamples(mixed_dir / "val.beton")
     source = BetonSource(samples, batch_size=len(samples), crop_windows=True)
     source.order = np.arange(len(samples))
-    encoded, is_raw, shapes, labels, anchors, windows = next(iter(source))
+    encoded, meta, windows = next(iter(source))
+    shapes, is_raw, labels = meta[:, :3], meta[:, 3].astype(bool), meta[:, 4]
     for index, data in enumerate(encoded):
         assert np.shares_memory(data, samples.data)   # no copy on the Python side
         if is_raw[index]:
@@ -245,7 +246,7 @@ def test_dali_is_fed_views_of_the_beton_with_raw_samples_as_pixels_not_ppm(mixed
         else:
             assert bytes(data[:3]) == b"\xff\xd8\xff"   # JPEG bytes, as stored
     assert is_raw.any() and not is_raw.all()
-    assert labels.tolist() == samples.labels.tolist()
+    assert labels.tolist() == samples.labels.tolist() and windows.shape == (len(samples), 4)
 
 
 def test_the_loader_benchmark_reports_the_dali_feed_cost(mixed_dir, tmp_path):

@@ -28,9 +28,11 @@ def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarr
 
 
 class BetonSource:
-    """Batches of (image bytes, is-raw flags, HxWx3 shapes, labels[, val crop anchors, shapes]) in the
-    epoch's order. Image bytes are views into the beton's memory map: DALI copies them once, into its own
-    buffers; the Python side does a few array operations per batch and one slice per sample.
+    """Batches of (image bytes, metadata[, val crop windows]) in the epoch's order.
+
+    Image bytes are views into the beton's memory map, which DALI reads in place (no_copy). Metadata is one int64 row
+    per sample, (height, width, 3, raw, label), and windows one float row, (x, y, width, height): few
+    outputs, because each costs the main thread a fixed amount per batch.
 
     With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
     order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
@@ -41,12 +43,13 @@ class BetonSource:
         self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
         self.order = np.zeros(0, dtype=np.int64)
         self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
-        self.raw = samples.mode == MODE_RAW
+        raw = samples.mode == MODE_RAW
         pixels = samples.width * samples.height * 3   # raw regions may be padded past the pixels
         self.starts = samples.offset
-        self.ends = samples.offset + np.where(self.raw, pixels, samples.size)
-        self.shapes = np.stack([samples.height, samples.width, np.full_like(samples.width, 3)], axis=1)
-        self.labels, self.width, self.height = samples.labels, samples.width, samples.height
+        self.ends = samples.offset + np.where(raw, pixels, samples.size)
+        self.meta = np.stack([samples.height, samples.width, np.full_like(samples.width, 3), raw,
+                              samples.labels], axis=1).astype(np.int64)
+        self.width, self.height = samples.width, samples.height
         self.fed = 0   # samples handed to DALI, for the feed cost
         self.alive: list = []
 
@@ -54,9 +57,9 @@ class BetonSource:
         data, order = self.data, self.order
         # Everything DALI reads is a view of arrays this object keeps (the external source runs with
         # no_copy): the epoch's columns in epoch order, kept until the epoch after next starts.
-        columns = [self.raw[order], self.shapes[order], self.labels[order]]
+        columns = [self.meta[order]]
         if self.crop_windows:
-            columns += center_crop_windows(self.width[order], self.height[order])
+            columns.append(np.concatenate(center_crop_windows(self.width[order], self.height[order]), axis=1))
         self.alive = [*self.alive[-1:], columns]
         starts, ends = self.starts[order].tolist(), self.ends[order].tolist()
         for start in range(0, len(order), self.batch_size):
@@ -67,8 +70,8 @@ class BetonSource:
 
 
 class FeedCost:
-    """Main-thread time spent handing batches to DALI (wall clock: thread_time is a slow syscall on some
-    virtual machines), and the samples handed over."""
+    """Main-thread CPU time spent handing batches to DALI (CPU, not wall: on a busy machine the wall
+    clock would also count the time DALI's own threads held the core), and the samples handed over."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -96,11 +99,11 @@ class EpochRunner:
         callbacks = pipeline._run_input_callbacks
 
         def timed():
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 return callbacks()
             finally:
-                feed.seconds += time.perf_counter() - started
+                feed.seconds += time.thread_time() - started
         pipeline._run_input_callbacks = timed
 
     def epoch(self, order: np.ndarray):
@@ -164,17 +167,18 @@ class DALILoader(LoaderBase):
 
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            dtypes = [types.UINT8, types.BOOL, types.INT64, types.INT64]
-            dtypes += [] if self.train else [types.FLOAT, types.FLOAT]
+            dtypes = [types.UINT8, types.INT64] + ([] if self.train else [types.FLOAT])
             # no_copy: DALI reads the beton's pages where they are mapped, in its own threads
             outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, cycle="raise",
                                          dtype=dtypes, no_copy=True)
-            data, is_raw, shape, labels = outputs[:4]
-            if is_raw:   # a DALI conditional: the batch splits per sample and merges again
-                pixels = fn.reshape(data, shape=fn.cast(shape, dtype=types.INT32), layout="HWC")
-                images = crop_raw(pixels.gpu() if gpu else pixels, outputs[4:])
+            data, meta = outputs[:2]
+            window = () if self.train else (outputs[2][0:2], outputs[2][2:4])   # (x, y), (width, height)
+            labels = meta[4]
+            if meta[3] > 0:   # raw pixels. A DALI conditional: the batch splits per sample, then merges
+                pixels = fn.reshape(data, shape=fn.cast(meta[0:3], dtype=types.INT32), layout="HWC")
+                images = crop_raw(pixels.gpu() if gpu else pixels, window)
             else:
-                images = crop_encoded(data, outputs[4:])
+                images = crop_encoded(data, window)
             mirror = fn.random.coin_flip(probability=0.5) if self.train and self.flip else 0
             # HWC out: the NCHW view of an NHWC batch is already channels_last
             images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
