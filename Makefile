@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha25
 DATA    := data
 DEMO    := $(DATA)/demo
 
-.PHONY: setup test demo bench lint clean sysdeps
+.PHONY: setup test demo bench lint clean sysdeps bundle
 
 setup: $(STAMP)
 
@@ -47,3 +47,22 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs $(DATA)
+
+# An offline bundle for a GPU box with Python 3.12 and torch preinstalled but no package registry:
+# BUNDLE/ffcv (ffcv built for cp312 + the shared libraries it links) and BUNDLE/dali (the DALI wheels,
+# split into parts under 60 MB for transfers capped at 64 MiB). Install steps: README, "GPU box, offline".
+BUNDLE ?= .bundle
+PY312  ?= $(shell pyenv prefix 3.12 2>/dev/null || true)/bin/python3.12
+bundle: sysdeps
+	@test -x "$(PY312)" || { echo "needs a Python 3.12 to build ffcv for the box: set PY312=/path/to/python3.12" >&2; exit 1; }
+	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)/ffcv/wheels $(BUNDLE)/ffcv/lib $(BUNDLE)/dali
+	$(PY312) -m pip wheel -q --no-deps -w $(BUNDLE)/ffcv/wheels ffcv==1.0.2 fastargs terminaltables assertpy
+	cd $(BUNDLE)/ffcv && unzip -q -o wheels/ffcv-*.whl 'ffcv/_libffcv*.so' -d so && \
+		ldd so/ffcv/_libffcv*.so | awk '/=> \//{print $$3}' | \
+		grep -vE '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | xargs -r -I{} cp -L {} lib/ && rm -rf so
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d $(BUNDLE)/dali/wheels \
+		-c constraints.txt nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 astunparse gast \
+		libcst makefun nvtx optree
+	cd $(BUNDLE)/dali && tar -cf - wheels | split -b 55M -d -a 2 - part. && rm -rf wheels
+	du -sh $(BUNDLE)/ffcv $(BUNDLE)/dali
