@@ -12,6 +12,7 @@ the CPU, skipping only what needs CUDA; the test suite runs it so the command ca
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -250,6 +251,9 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
                 except Exception as exc:  # noqa: BLE001 - one feed failing must not lose the others
                     notes.append(f"{arch} fed by {backend} ({storage}): {type(exc).__name__}: {exc}")
                     continue
+                finally:
+                    loader = None
+                    gc.collect()   # free one loader's threads and workers before the next one starts
                 rows.append({**base, "feed": backend, "storage": storage, "img_per_s": round(rate, 1),
                              "ratio_to_synthetic": round(rate / ceiling, 3)})
     ctx["train_rows"] = rows

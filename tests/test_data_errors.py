@@ -163,3 +163,31 @@ def test_ffcv_loader_gives_memory_back_only_when_rss_grows(monkeypatch):
     assert loader.baseline_rss == 1000 and trims == [True]   # only the epoch 10% above the baseline
     loader.bound_rss = False
     loader.bound_memory()   # disabled: reads nothing (the iterator is exhausted, so a read would raise)
+
+
+def test_a_forked_child_that_frees_an_inherited_dali_pipeline_does_not_hang(betons):
+    """DataLoader workers fork from a process that may hold DALI pipelines; freeing one there waited on
+    threads the child does not have, forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import gc, os, sys
+        from fastpipe.data import build_loader
+        loader = build_loader("dali", {str(betons)!r}, "train", batch_size=8, resolution=32, workers=1)
+        for _ in loader:
+            pass
+        gc.disable()
+        cycle = [loader]
+        cycle.append(cycle)   # unreachable garbage at fork time, as a loader freed by the cycle collector
+        del loader, cycle
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

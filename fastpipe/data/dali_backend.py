@@ -8,7 +8,9 @@ pipeline runs on the CPU (device_id=None).
 """
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +19,13 @@ import torch
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
 from fastpipe.data.seeding import sample_seed
+
+# A process forked while DALI pipelines exist (a torch DataLoader's workers, say) inherits them without
+# their threads; if it then frees one, DALI's __del__ waits for those threads forever. Children keep
+# every inherited pipeline alive instead, so it is never torn down there.
+_PIPELINES: weakref.WeakSet = weakref.WeakSet()
+_INHERITED: list = []
+os.register_at_fork(after_in_child=lambda: _INHERITED.extend(_PIPELINES))
 
 
 def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +198,7 @@ class DALILoader(LoaderBase):
                          device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
                          seed=int(sample_seed(self.seed, epoch, self.rank)))
         built.build()
+        _PIPELINES.add(built)
         self.feed.sources.append(source)
         return EpochRunner(built, source, self.feed)
 
