@@ -76,8 +76,9 @@ def open_split(path: Path, split: str) -> BetonSamples:
     try:
         samples = BetonSamples(path)
     except BetonError as err:
-        raise ConvertError(f"{err} The adopted beton needs an RGBImageField (as FFCV's write_imagenet.py "
-                           f"writes 'image') and an IntField ('label').") from err
+        hint = (" FFCV's write_imagenet.py writes them as 'image' (RGBImageField) and 'label' (IntField)."
+                if "field" in str(err) else "")
+        raise ConvertError(f"{err}{hint}") from err
     if len(samples) == 0:
         raise ConvertError(f"{path} holds no samples.")
     if samples.labels.min() < 0:

@@ -51,7 +51,13 @@ def restore_training(state: dict, *, model, optimizer, scheduler, scaler, schedu
     """Load weights, optimizer, scaler and RNG streams from `training_state` output, and the schedule's
     position unless `schedule` is False (a run continued for another length keeps its new schedule)."""
     model.load_state_dict(state["model"])
+    # how the optimizer runs (fused, foreach) is this build's choice, not the checkpoint's: the step
+    # depends on fused kernels taking found_inf
+    implementation = [{key: group[key] for key in ("fused", "foreach") if key in group}
+                      for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, flags in zip(optimizer.param_groups, implementation):
+        group.update(flags)
     if schedule:
         scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):

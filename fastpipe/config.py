@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,6 +236,11 @@ def _coerce_stage(name: str, stage) -> dict:
     return dict(stage)
 
 
+# Keys earlier releases wrote into run directories' config.toml: still read (and ignored, with a note) so
+# that those runs resume and evaluate.
+REMOVED_KEYS = {"train.max_nonfinite_steps": "a non-finite loss now always stops the run within one log interval"}
+
+
 def _merge(base: dict, layer: dict, origin: str) -> None:
     """Merge one parsed TOML layer into `base` (section -> key -> value), checking keys and types."""
     for section, values in layer.items():
@@ -244,6 +250,10 @@ def _merge(base: dict, layer: dict, origin: str) -> None:
             raise ConfigError(f"'{section}' in {origin} must be a [{section}] table, not a value.")
         types_ = _field_types(section)
         for key, value in values.items():
+            if f"{section}.{key}" in REMOVED_KEYS:
+                print(f"note: {section}.{key} in {origin} is no longer used: {REMOVED_KEYS[f'{section}.{key}']}",
+                      file=sys.stderr)
+                continue
             if key not in types_:
                 raise _unknown(f"{section}.{key}", valid_keys())
             base[section][key] = _coerce(f"{section}.{key}", value, types_[key])

@@ -49,8 +49,15 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.optim.weight_decay)
     if config.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=1e-3, betas=(config.optim.momentum, 0.999), fused=True)
-    return torch.optim.SGD(groups, lr=0.1, momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-                           fused=True)
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+                                fused=True)
+    # Fused SGD creates its momentum buffers with empty_like on the first step it takes, and a step skipped
+    # through found_inf leaves them uninitialised. Zeros from the start give the same numbers (dampening
+    # 0: the first buffer is the gradient) and nothing undefined.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, peak_lr: float, total_steps: int):

@@ -5,7 +5,8 @@ transfer, which the trainer does once per `train.log_every` steps and at epoch e
 turns every later update into a no-op on the device (the optimizer's `found_inf` input, or NaN gradients
 for the fp16 GradScaler, which then skips the step itself), so the weights stay as they were before the
 first bad step until the host notices and stops the run (BatchNorm statistics, which the forward pass
-updates before the loss is known, go back to their copy from the last healthy log point).
+updates before the loss is known, and the fp16 loss scale go back to their copy from the last healthy log
+point).
 """
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ class TrainStep:
         self.totals = torch.zeros(5, dtype=torch.float64, device=device)
         self.healthy = torch.ones((), dtype=torch.bool, device=device)
         # BatchNorm statistics change in the forward pass, before the loss is known: `read()` keeps a copy
-        # from the last healthy log point for `restore_buffers` (once per interval: a few hundred KB)
+        # from the last healthy log point for `restore_healthy_state` (once per interval: a few hundred KB)
         self.buffers = [b for b in train_model.buffers() if b.numel()]
         self.buffer_copy = [b.detach().clone() for b in self.buffers]
+        # fp16: every skipped step halves the loss scale; keep the scale of the last healthy log point too
+        self.scaler_copy = self.scaler.state_dict() if self.scaler.is_enabled() else None
         self.reset()
 
     def reset(self) -> None:
@@ -99,16 +102,23 @@ class TrainStep:
         """The counters on the host: the only device read of a training epoch (summed over ranks)."""
         totals = self.totals.clone()
         if self.distributed:
-            first = totals[4].clone()
+            # sums of the per-rank counts; the non-finite flags are shared by all ranks (agreed every step)
+            flags = totals[3:].clone()
             dist.all_reduce(totals)
-            dist.all_reduce(first, op=dist.ReduceOp.MAX)
-            totals[4] = first
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            totals[3:] = flags
         loss_sum, correct, samples, nonfinite, first_bad = totals.tolist()
-        if not nonfinite and self.buffers:
-            torch._foreach_copy_(self.buffer_copy, self.buffers)
+        if not nonfinite:
+            if self.buffers:
+                torch._foreach_copy_(self.buffer_copy, self.buffers)
+            if self.scaler_copy is not None:   # the stream is drained by the read above: no extra stall
+                self.scaler_copy = self.scaler.state_dict()
         return StepTotals(loss_sum, correct, samples, int(nonfinite), int(first_bad))
 
-    def restore_buffers(self) -> None:
-        """BatchNorm statistics as of the last healthy `read()`, from before the first non-finite step."""
+    def restore_healthy_state(self) -> None:
+        """BatchNorm statistics and the fp16 loss scale as of the last healthy `read()`, from before the
+        first non-finite step."""
         if self.buffers:
             torch._foreach_copy_(self.buffers, self.buffer_copy)
+        if self.scaler_copy is not None:
+            self.scaler.load_state_dict(self.scaler_copy)

@@ -173,8 +173,11 @@ class Trainer:
                     raise TrainingError(f"The loader ended after {step} of {plan.steps} batches in epoch "
                                         f"{plan.epoch}; the data changed under the run?") from None
                 except Exception:
-                    if not self.stop:   # Ctrl-C also reaches loader worker processes, which then exit
+                    # Ctrl-C also reaches loader worker processes, which then exit. Under DDP the other
+                    # ranks may still hold batches and would wait in the next collective: fail instead.
+                    if not self.stop or self.dist.enabled:
                         raise
+                    self.read_totals(plan, step - 1)   # a non-finite step since the last read stops here
                     self.save("last.pt", epoch=plan.epoch, completed=False, step=step)
                     return None
                 wait.ready()
@@ -191,6 +194,8 @@ class Trainer:
                 stop = bool(self.stop) if not self.dist.enabled else at_log and dist_utils.any_flags(
                     [bool(self.stop)], self.device)[0]
                 if stop:
+                    if not at_log:   # a non-finite step since the last read must not reach last.pt
+                        self.read_totals(plan, step)
                     self.save("last.pt", epoch=plan.epoch, completed=False, step=step + 1)
                     return None
         elapsed = time.perf_counter() - epoch_start
@@ -223,14 +228,15 @@ class Trainer:
         """Save last.pt (its weights predate the first bad step: later updates were skipped on the device)
         and stop with what to change."""
         first = totals.first_nonfinite
-        self.step.restore_buffers()
+        self.step.restore_healthy_state()
         self.save("last.pt", epoch=plan.epoch, completed=False, step=step + 1, nonfinite_from_step=first)
         raise TrainingError(
             f"The loss became non-finite at step {first + 1} (epoch {plan.epoch + 1}, lr {lr:.4g}); "
             f"{totals.nonfinite} step(s) up to step {self.global_step} were skipped and the run stopped. "
-            f"The learning rate is probably too high: lower optim.lr (now {self.peak_lr:.4g} peak) or run the LR "
-            f"finder: `python -m fastpipe.lr_find --config ...`. {self.run_dir / 'last.pt'} holds the weights "
-            f"from before step {first + 1} (BatchNorm statistics from the log point before it).")
+            f"The learning rate is probably too high: start again with a lower --optim.lr (now "
+            f"{self.peak_lr:.4g} peak; a resumed run keeps its own), or with `--init-from {self.run_dir / 'last.pt'}` "
+            f"to keep what it learned, or run the LR finder: `python -m fastpipe.lr_find --config ...`. last.pt "
+            f"holds the weights from before step {first + 1} (BatchNorm statistics from the log point before it).")
 
     def evaluate(self):
         from fastpipe.evaluate import evaluate
@@ -284,12 +290,16 @@ class Trainer:
         if self.start_epoch >= self.config.schedule.epochs:
             return   # fit() says so and leaves the run as it is
         if planned != self.total_steps:
-            # schedule.epochs changed: the one-cycle curve is the one a run planned for the new length from
-            # the start would follow, continued at this step (a finished run's LR rises to that curve again)
+            # the run's length in steps changed (schedule.epochs, or the batch size or process count): the
+            # one-cycle curve is the one a run planned for the new length from the start would follow,
+            # continued at this step (a finished run's LR rises to that curve again)
+            if self.global_step >= self.total_steps:
+                raise TrainingError(f"{self.run_dir} has taken {self.global_step} steps, but the run as configured "
+                                    f"now has only {self.total_steps}: raise --schedule.epochs to train longer.")
             continue_schedule(self.scheduler, self.global_step)
-            self.report.log(f"schedule.epochs is now {self.config.schedule.epochs}: the one-cycle schedule is "
-                            f"rebuilt for {self.total_steps} steps (was {planned}) and continues at step "
-                            f"{self.global_step}, lr {self.current_lr():.4g}")
+            self.report.log(f"the run is now {self.total_steps} steps long (was {planned}: schedule.epochs, "
+                            f"data.batch_size or the process count changed): the one-cycle schedule is rebuilt "
+                            f"for that length and continues at step {self.global_step}, lr {self.current_lr():.4g}")
         where = f"epoch {self.start_epoch + 1}" + (f", step {self.skip_steps}" if self.skip_steps else "")
         self.report.log(f"resuming {self.run_dir} at {where}")
 

@@ -150,3 +150,10 @@ def test_every_augment_key_reaches_the_loaders_or_the_step():
     assert {f.name for f in dataclasses.fields(config.augment)} == loader_keys | {"mixup", "cutmix"}
     val = loader_args(config, "val", runtime)
     assert not loader_keys & set(val) and val["shuffle"] is False and val["resolution"] == config.resolution.val
+
+
+def test_a_run_written_with_a_removed_key_still_loads_with_a_note(tmp_path, capsys):
+    path = tmp_path / "config.toml"
+    path.write_text("[train]\nmax_nonfinite_steps = 5\nseed = 3\n")
+    assert load_config(path).train.seed == 3
+    assert "max_nonfinite_steps" in capsys.readouterr().err

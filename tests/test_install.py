@@ -2,9 +2,9 @@
 installs the tested pins of constraints.txt, which must lie inside the declared ranges."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent

@@ -134,3 +134,55 @@ def test_fused_optimizer_skips_the_update_on_the_device_after_a_non_finite_loss(
     assert all(torch.equal(momentum[id(p)], s["momentum_buffer"]) for p, s in training.optimizer.state.items())
     totals = step.read()
     assert totals.nonfinite == 1 and totals.first_nonfinite == 1 and totals.samples == 16
+
+
+def test_a_skipped_first_step_leaves_zero_momentum_not_uninitialised_memory(betons):
+    from fastpipe.build import build_benchmark_training, build_runtime
+
+    config = small_run(betons, "--data.batch_size=8")
+    training = build_benchmark_training(config, 4, build_runtime(config))
+    step, criterion = training.step, training.step.criterion
+    step.criterion = lambda logits, targets: criterion(logits, targets) * float("nan")
+    step(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))
+    buffers = [state["momentum_buffer"] for state in training.optimizer.state.values()]
+    assert buffers and all(torch.count_nonzero(buffer) == 0 for buffer in buffers)
+
+
+def test_restored_optimizer_stays_fused_whatever_the_checkpoint_says(betons):
+    from fastpipe.build import build_benchmark_training, build_runtime
+    from fastpipe.checkpoint import restore_training, training_state
+
+    config = small_run(betons, "--data.batch_size=8")
+    training = build_benchmark_training(config, 4, build_runtime(config))
+    state = training_state(model=training.model, optimizer=training.optimizer, scheduler=training.scheduler,
+                           scaler=training.step.scaler, epoch=0, completed=True, step=0, global_step=0,
+                           config={}, classes=[], peak_lr=0.1, lr_scale=1.0, best_top1=0.0, epochs_since_best=0)
+    for group in state["optimizer"]["param_groups"]:   # as an older, unfused optimizer saved it
+        group["fused"] = None
+    restore_training(state, model=training.model, optimizer=training.optimizer, scheduler=training.scheduler,
+                     scaler=training.step.scaler)
+    assert all(group["fused"] for group in training.optimizer.param_groups)
+    training.step(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))   # found_inf needs the fused kernel
+
+
+def test_fp16_loss_scale_goes_back_to_its_last_healthy_value_after_a_non_finite_stop():
+    from fastpipe.runtime import resolve_precision
+    from fastpipe.step import TrainStep
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100)
+    step = TrainStep(model, optimizer, scheduler, torch.nn.CrossEntropyLoss(), resolve_precision("fp16", "cpu"),
+                     total_steps=100)
+    images, labels = torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))
+    step(images, labels)
+    assert step.read().nonfinite == 0
+    healthy_scale = step.scaler.get_scale()
+    criterion = step.criterion
+    step.criterion = lambda logits, targets: criterion(logits, targets) * float("nan")
+    for _ in range(3):
+        step(images, labels)
+    assert step.scaler.get_scale() < healthy_scale   # each skipped step halved it
+    assert step.read().nonfinite == 3
+    step.restore_healthy_state()
+    assert step.scaler.get_scale() == healthy_scale

@@ -170,7 +170,7 @@ def test_a_planted_nan_stops_the_run_within_one_log_interval_with_weights_from_b
     trainer.model.register_forward_pre_hook(snapshot)
     trainer.step.criterion = lambda logits, targets: criterion(logits, targets) * (
         float("nan") if len(forwards) >= 10 else 1.0)
-    with pytest.raises(TrainingError, match=r"non-finite at step 10 .*lr [0-9.]+.*lower optim.lr") as error:
+    with pytest.raises(TrainingError, match=r"non-finite at step 10 .*lr [0-9.]+.*lower --optim.lr") as error:
         trainer.fit()
     assert len(forwards) == 12   # stopped at the log point after step 12: within one interval of step 10
     assert "3 step(s) up to step 12" in str(error.value)
@@ -213,6 +213,26 @@ def test_resuming_a_finished_run_says_how_to_train_longer_and_keeps_its_summary(
     assert f"--resume {trained_run} --schedule.epochs=N" in capsys.readouterr().out
     assert (trained_run / "summary.json").read_bytes() == summary
     assert "eval" in json.loads(summary)
+
+
+def test_a_stop_signal_after_a_nan_between_log_points_does_not_save_poisoned_weights(betons, tmp_path):
+    trainer = Trainer(tiny_config(betons, "--train.log_every=100"), tmp_path / "run")
+    criterion, forwards = trainer.step.criterion, []
+
+    def snapshot_then_sigterm(module, args):
+        if module.training:
+            forwards.append({k: v.detach().clone() for k, v in module.named_parameters()})
+            if len(forwards) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.model.register_forward_pre_hook(snapshot_then_sigterm)
+    trainer.step.criterion = lambda logits, targets: criterion(logits, targets) * (
+        float("nan") if len(forwards) >= 3 else 1.0)
+    with pytest.raises(TrainingError, match="non-finite at step 3"):
+        trainer.fit()   # the stop reads the counters first, so the NaN is found and reported
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    for key, value in forwards[2].items():
+        assert torch.equal(saved["model"][key], value), key
 
 
 def test_missing_data_message_gives_the_convert_command(tmp_path, capsys):

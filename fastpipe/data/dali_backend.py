@@ -47,8 +47,8 @@ class BetonSource:
     order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
     """
 
-    def __init__(self, samples: BetonSamples, batch_size: int, crop_windows: bool):
-        self.batch_size = batch_size
+    def __init__(self, samples: BetonSamples, batch_size: int, crop_windows: bool, feed: FeedCost | None = None):
+        self.batch_size, self.feed = batch_size, feed
         self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
         self.order = np.zeros(0, dtype=np.int64)
         self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
@@ -59,7 +59,6 @@ class BetonSource:
         self.meta = np.stack([samples.height, samples.width, np.full_like(samples.width, 3), raw,
                               samples.labels], axis=1).astype(np.int64)
         self.width, self.height = samples.width, samples.height
-        self.fed = 0   # samples handed to DALI, for the feed cost
         self.alive: list = []
 
     def __iter__(self):
@@ -74,7 +73,8 @@ class BetonSource:
         for start in range(0, len(order), self.batch_size):
             stop = min(start + self.batch_size, len(order))
             encoded = [data[begin:end] for begin, end in zip(starts[start:stop], ends[start:stop])]
-            self.fed += stop - start
+            if self.feed is not None:
+                self.feed.samples += stop - start
             yield encoded, *(column[start:stop] for column in columns)
 
 
@@ -83,18 +83,14 @@ class FeedCost:
     clock would also count the time DALI's own threads held the core), and the samples handed over."""
 
     def __init__(self):
-        self.seconds = 0.0
-        self.sources: list[BetonSource] = []
+        self.seconds, self.samples = 0.0, 0
 
     def reset(self) -> None:
-        self.seconds = 0.0
-        for source in self.sources:
-            source.fed = 0
+        self.seconds, self.samples = 0.0, 0
 
     @property
     def us_per_sample(self) -> float | None:
-        samples = sum(source.fed for source in self.sources)
-        return 1e6 * self.seconds / samples if samples else None
+        return 1e6 * self.seconds / self.samples if self.samples else None
 
 
 class EpochRunner:
@@ -105,12 +101,14 @@ class EpochRunner:
         self.finished = True   # False while an epoch is in flight
         # DALI runs the external source in the calling thread, in Pipeline._run_input_callbacks (it
         # reads the source, then copies the batch in); timing it there is the main thread's feed cost.
-        callbacks = pipeline._run_input_callbacks
+        # A weak reference: a closure over the bound method would keep the pipeline (threads, decoder
+        # state, GPU buffers) in a reference cycle until the cycle collector happens to run.
+        owner, callbacks = weakref.ref(pipeline), type(pipeline)._run_input_callbacks
 
         def timed():
             started = time.thread_time()
             try:
-                return callbacks()
+                return callbacks(owner())
             finally:
                 feed.seconds += time.thread_time() - started
         pipeline._run_input_callbacks = timed
@@ -150,7 +148,7 @@ class DALILoader(LoaderBase):
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
-        source = BetonSource(self.samples, batch_size, crop_windows=not self.train)
+        source = BetonSource(self.samples, batch_size, crop_windows=not self.train, feed=self.feed)
 
         def crop_raw(pixels, window):
             """Raw HxWx3 pixels (no decoder): the random-resized crop, or the val window, then the size."""
@@ -199,7 +197,6 @@ class DALILoader(LoaderBase):
                          seed=int(sample_seed(self.seed, epoch, self.rank)))
         built.build()
         _PIPELINES.add(built)
-        self.feed.sources.append(source)
         return EpochRunner(built, source, self.feed)
 
     def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
