@@ -1,8 +1,9 @@
 """Read betons back without FFCV's loader: `verify` (decode every sample, check against the manifest)
 and `info` (a summary).
 
-FFCV's reader trusts the file and aborts inside OpenCV on a bad one, so this module parses the layout
-with numpy (mirroring ffcv.types) and decodes with cv2.imdecode, which reports errors instead.
+FFCV's reader trusts the file and aborts inside OpenCV on a bad one, so this module reads the layout
+with `fastpipe.data.beton.BetonSamples` (numpy only, checked) and decodes with cv2.imdecode, which reports
+errors instead.
 """
 from __future__ import annotations
 
@@ -15,28 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from fastpipe.data.beton import (
-    ALLOC_ENTRY,
-    BETON_HEADER,
     MODE_JPEG,
     MODE_RAW,
     BetonError,
     BetonSamples,
     check_beton,
-    read_header,
     read_manifest,
     sha256_file,
 )
-
-
-def open_beton(path: str | Path) -> BetonSamples:
-    """The beton's layout (fastpipe.data.beton.BetonSamples), after the header checks."""
-    path = Path(path)
-    header = read_header(path)
-    size = path.stat().st_size
-    table = int(header["alloc_table_ptr"])
-    if not BETON_HEADER.itemsize <= table <= size or (size - table) % ALLOC_ENTRY.itemsize:
-        raise BetonError(f"{path}: header points outside the file (allocation table at {table}, size {size}).")
-    return BetonSamples(path)
 
 
 def decode_sample(samples: BetonSamples, index: int) -> np.ndarray:
@@ -58,7 +45,7 @@ def decode_sample(samples: BetonSamples, index: int) -> np.ndarray:
 
 def iter_samples(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:
     """(image, label) for every sample of a beton, in order."""
-    samples = open_beton(path)
+    samples = BetonSamples(path)
     for index in range(len(samples)):
         yield decode_sample(samples, index), int(samples.labels[index])
 
@@ -74,7 +61,7 @@ def verify(data_dir: str | Path, console: Console | None = None) -> dict:
         fix = f"Re-create it with `python -m convert ... --out {data_dir} --force`."
         if info.get("sha256") and sha256_file(path) != info["sha256"]:
             raise BetonError(f"{path}: sha256 differs from the manifest; the file changed after conversion. {fix}")
-        samples = open_beton(path)
+        samples = BetonSamples(path)
         listed = info.get("samples")
         if not len(samples) == info["written"] == len(listed if listed is not None else samples):
             raise BetonError(f"{path}: {len(samples)} samples, manifest says {info['written']} "

@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 
 from convert.__main__ import main
-from convert.verify import MODE_JPEG, iter_samples, open_beton, verify
-from fastpipe.data.beton import BETON_HEADER, BetonError, check_beton, sha256_file
+from convert.verify import MODE_JPEG, iter_samples, verify
+from fastpipe.data.beton import BETON_HEADER, BetonError, BetonSamples, check_beton, sha256_file
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_a_beton_whose_header_was_never_fixed_up_is_caught(copy):
 
 def test_a_corrupt_jpeg_payload_is_reported_not_crashed_on(copy):
     beton = copy / "train.beton"
-    samples = open_beton(beton)
+    samples = BetonSamples(beton)
     jpeg_samples = np.flatnonzero(samples.mode == MODE_JPEG)
     assert jpeg_samples.size, "the train beton of the fixture stores some samples as JPEG"
     index = int(jpeg_samples[0])

@@ -142,11 +142,16 @@ def check_beton(data_dir: str | os.PathLike, split: str, manifest: dict | None =
     samples = int(header["num_samples"])
     if samples != info["written"]:
         raise BetonError(f"{path} holds {samples} samples but the manifest says {info['written']}. {fix}")
+    check_allocation_table(path, header, size, fix)
+    return path
+
+
+def check_allocation_table(path: Path, header: np.void, size: int, fix: str) -> None:
+    """FFCV writes the allocation table last, so it must lie inside the file and end exactly at its end."""
     table = int(header["alloc_table_ptr"])
     if not BETON_HEADER.itemsize <= table <= size or (size - table) % ALLOC_ENTRY.itemsize:
         raise BetonError(f"{path} has a corrupt header (allocation table at byte {table} of {size}): "
                          f"the write did not finish. {fix}")
-    return path
 
 
 # --- Raw sample access, for code that reads samples outside FFCV (DALI, verify, adopt) ---------------
@@ -184,6 +189,8 @@ class BetonSamples:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         header = read_header(self.path)
+        check_allocation_table(self.path, header, self.path.stat().st_size,
+                               "Re-create it with `python -m convert ... --force`.")
         fields = read_fields(self.path, header)
         if sorted(kind for _, kind in fields) != [INT_FIELD, IMAGE_FIELD]:
             raise BetonError(f"{self.path} has fields {describe_fields(fields)}; fastpipe needs exactly one image "
