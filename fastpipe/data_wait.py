@@ -25,11 +25,6 @@ class DataWait:
         self._last_end = None
         self._started = 0.0
 
-    def new_epoch(self) -> None:
-        """Forget the last step: the gap across an epoch boundary holds evaluation, not data wait."""
-        self.seconds, self._last_end = 0.0, None
-        self._pending.clear()
-
     def waiting(self) -> None:
         if not self.cuda:
             self._started = time.perf_counter()

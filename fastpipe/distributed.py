@@ -58,15 +58,6 @@ def any_flags(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over all ranks (per-epoch counters such as loss sums and sample counts)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank."""
     if not (dist.is_available() and dist.is_initialized()):

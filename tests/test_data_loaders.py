@@ -232,10 +232,10 @@ def test_train_augmentation_is_a_function_of_seed_epoch_and_sample(betons, backe
 
 
 def test_dali_is_fed_views_of_the_beton_with_raw_samples_as_pixels_not_ppm(mixed_dir):
-    from fastpipe.data.dali_backend import BetonSource
+    from fastpipe.data.dali_backend import BetonSource, FeedColumns
 
     samples = BetonSamples(mixed_dir / "val.beton")
-    source = BetonSource(samples, batch_size=len(samples), crop_windows=True)
+    source = BetonSource(FeedColumns(samples), batch_size=len(samples), crop_windows=True)
     source.order = np.arange(len(samples))
     encoded, meta, windows = next(iter(source))
     shapes, is_raw, labels = meta[:, :3], meta[:, 3].astype(bool), meta[:, 4]

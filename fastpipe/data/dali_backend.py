@@ -36,21 +36,11 @@ def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarr
     return anchor.astype(np.float32), np.stack([side, side], axis=1).astype(np.float32)
 
 
-class BetonSource:
-    """Batches of (image bytes, metadata[, val crop windows]) in the epoch's order.
+class FeedColumns:
+    """What the feed needs of every sample, worked out once per loader (train builds a source per epoch):
+    byte ranges in the memory-mapped beton, and one int64 metadata row (height, width, 3, raw, label)."""
 
-    Image bytes are views into the beton's memory map, which DALI reads in place (no_copy). Metadata is one int64 row
-    per sample, (height, width, 3, raw, label), and windows one float row, (x, y, width, height): few
-    outputs, because each costs the main thread a fixed amount per batch.
-
-    With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
-    order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
-    """
-
-    def __init__(self, samples: BetonSamples, batch_size: int, crop_windows: bool, feed: FeedCost | None = None):
-        self.batch_size, self.feed = batch_size, feed
-        self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
-        self.order = np.zeros(0, dtype=np.int64)
+    def __init__(self, samples: BetonSamples):
         self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
         raw = samples.mode == MODE_RAW
         pixels = samples.width * samples.height * 3   # raw regions may be padded past the pixels
@@ -59,17 +49,36 @@ class BetonSource:
         self.meta = np.stack([samples.height, samples.width, np.full_like(samples.width, 3), raw,
                               samples.labels], axis=1).astype(np.int64)
         self.width, self.height = samples.width, samples.height
+
+
+class BetonSource:
+    """Batches of (image bytes, metadata[, val crop windows]) in the epoch's order.
+
+    Image bytes are views into the beton's memory map, which DALI reads in place (no_copy); metadata is
+    one `FeedColumns.meta` row per sample and windows one float row, (x, y, width, height): few outputs,
+    because each costs the main thread a fixed amount per batch.
+
+    With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
+    order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
+    """
+
+    def __init__(self, columns: FeedColumns, batch_size: int, crop_windows: bool, feed: FeedCost | None = None):
+        self.columns, self.batch_size, self.feed = columns, batch_size, feed
+        self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
+        self.order = np.zeros(0, dtype=np.int64)
         self.alive: list = []
 
     def __iter__(self):
-        data, order = self.data, self.order
+        per_sample, order = self.columns, self.order
+        data = per_sample.data
         # Everything DALI reads is a view of arrays this object keeps (the external source runs with
         # no_copy): the epoch's columns in epoch order, kept until the epoch after next starts.
-        columns = [self.meta[order]]
+        columns = [per_sample.meta[order]]
         if self.crop_windows:
-            columns.append(np.concatenate(center_crop_windows(self.width[order], self.height[order]), axis=1))
+            windows = center_crop_windows(per_sample.width[order], per_sample.height[order])
+            columns.append(np.concatenate(windows, axis=1))
         self.alive = [*self.alive[-1:], columns]
-        starts, ends = self.starts[order].tolist(), self.ends[order].tolist()
+        starts, ends = per_sample.starts[order].tolist(), per_sample.ends[order].tolist()
         for start in range(0, len(order), self.batch_size):
             stop = min(start + self.batch_size, len(order))
             encoded = [data[begin:end] for begin, end in zip(starts[start:stop], ends[start:stop])]
@@ -137,7 +146,7 @@ class DALILoader(LoaderBase):
     def __init__(self, data, split: str = "train", *, hw_decoder_load: float = 0.65, prefetch: int = 2,
                  **common):
         super().__init__(data, split, **common)
-        self.samples = BetonSamples(check_beton(self.data_dir, split, self.manifest))
+        self.columns = FeedColumns(BetonSamples(check_beton(self.data_dir, split, self.manifest)))
         if not 0 <= hw_decoder_load <= 1:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.hw_decoder_load, self.prefetch = hw_decoder_load, int(prefetch)
@@ -148,7 +157,7 @@ class DALILoader(LoaderBase):
         from nvidia.dali import fn, pipeline_def, types
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
-        source = BetonSource(self.samples, batch_size, crop_windows=not self.train, feed=self.feed)
+        source = BetonSource(self.columns, batch_size, crop_windows=not self.train, feed=self.feed)
 
         def crop_raw(pixels, window):
             """Raw HxWx3 pixels (no decoder): the random-resized crop, or the val window, then the size."""
