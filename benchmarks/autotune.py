@@ -89,17 +89,17 @@ def batch_sizes(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def loader_rate(config, res: int, setting: tuple, batches: int, device: str) -> float:
+def loader_rate(config, res: int, setting: tuple, batches: int, runtime) -> float:
     from benchmarks.measure import measure_batches
-    from fastpipe.build import build_loader, build_runtime
+    from fastpipe.build import build_loader
 
     # the trainer's loader (augmentation included) with the trial's setting over it
-    loader = build_loader(config, "train", build_runtime(config, device=device), batch_size=config.data.batch_size,
-                          resolution=res, **dict(setting))
+    loader = build_loader(config, "train", runtime, batch_size=config.data.batch_size, resolution=res,
+                          **dict(setting))
     try:
         # Loaders prefetch a few batches while the first ones are consumed; untimed warm-up batches
         # empty that head start so it does not inflate a short measurement.
-        return measure_batches(loader, device, batches, warmup_batches=LOADER_WARMUP_BATCHES)
+        return measure_batches(loader, runtime.device_type, batches, warmup_batches=LOADER_WARMUP_BATCHES)
     finally:
         del loader
         gc.collect()
@@ -125,12 +125,12 @@ def train_rate(step, res: int, batch_size: int, steps: int, num_classes: int, me
     return rate
 
 
-def warm_up_loader(config, res: int, setting: tuple, device: str, budget: Budget) -> Trial:
+def warm_up_loader(config, res: int, setting: tuple, runtime, budget: Budget) -> Trial:
     """One untimed batch first: imports and JIT compiles (FFCV's numba pipeline) are paid once here."""
     start = budget.clock()
     note = "untimed: imports + JIT"
     try:
-        loader_rate(config, res, setting, 1, device)
+        loader_rate(config, res, setting, 1, runtime)
     except Exception as exc:  # noqa: BLE001 - the search itself reports a broken setting
         note = f"warm-up failed: {type(exc).__name__}: {str(exc)[:120]}"
     return Trial(setting, -1, 1, None, budget.clock() - start, note, start - budget.start)
@@ -288,7 +288,7 @@ def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
     from benchmarks.measure import resolve_device
     from benchmarks.train_step import build_train_step
-    from fastpipe.build import usable_cores
+    from fastpipe.build import build_runtime, usable_cores
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
 
@@ -318,7 +318,8 @@ def run(args) -> int:
     step = None
     candidates = loader_candidates(config.data.backend, device, cores)
     # Paid once before the budget is shared out, so the first phase is not starved by it.
-    warmup = warm_up_loader(config, resolutions[0], candidates[0], device, budget)
+    runtime = build_runtime(config, device=device)   # once: every loader trial shares it
+    warmup = warm_up_loader(config, resolutions[0], candidates[0], runtime, budget)
     phases.append(PhaseResult("warm-up", resolutions[0], SearchResult(None, None), [warmup]))
     for res in resolutions:
         console.print(f"[bold]{res}px[/bold]: loader settings ({config.data.backend}) ...")
@@ -328,7 +329,7 @@ def run(args) -> int:
                    if trial.rung == 0]
         search = successive_halving(
             candidates,
-            lambda setting, units, res=res: loader_rate(config, res, setting, units, device), share,
+            lambda setting, units, res=res: loader_rate(config, res, setting, units, runtime), share,
             min_units=LOADER_MIN_BATCHES, first_estimate=min(earlier, default=0.0))
         phases.append(PhaseResult("loader", res, search, offset_s=share.start - budget.start))
         pending -= 1
