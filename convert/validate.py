@@ -14,7 +14,7 @@ import numpy as np
 
 from fastpipe.data.images import (  # noqa: F401  (BadImage and sniff_format are part of this module's API)
     BadImage,
-    decode_rgb,
+    decode_opened,
     open_image,
     oriented_size,
     sniff_format,
@@ -79,9 +79,9 @@ def load_image(path: str | Path, max_resolution: int | None, min_side: int = 1) 
         warnings.simplefilter("ignore")
         with open_image(path) as image:
             width, height = oriented_size(image)
-    target = _check_size(width, height, max_resolution, min_side)
-    # a JPEG larger than the target decodes at a DCT scale: much faster, still >= the target size
-    array = decode_rgb(path, draft=target if target != (width, height) else None)
+            target = _check_size(width, height, max_resolution, min_side)
+            # a JPEG larger than the target decodes at a DCT scale: much faster, still >= the target size
+            array = decode_opened(image, draft=target if target != (width, height) else None)
     if (array.shape[1], array.shape[0]) != target:
         array = cv2.resize(array, target, interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(array)

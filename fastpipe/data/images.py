@@ -94,18 +94,24 @@ def decode_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> np.nda
     displayed) lets JPEGs decode at a DCT scale that is still at least that size. Raises BadImage."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        image = open_image(Path(path))
-        with image:
-            if draft is not None and image.format == "JPEG":
-                swapped = _orientation(image) in SWAPS_AXES
-                image.draft("RGB", draft[::-1] if swapped else draft)
-            fmt = image.format
-            try:
-                image.load()
-                if _orientation(image) != 1:
-                    image = ImageOps.exif_transpose(image)
-                return np.require(to_rgb_array(image), requirements="W")   # PIL gives read-only arrays
-            except BadImage:
-                raise
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-                raise BadImage(f"corrupt or truncated {fmt} data ({err})") from err
+        with open_image(Path(path)) as image:
+            return decode_opened(image, draft)
+
+
+def decode_opened(image: Image.Image, draft: tuple[int, int] | None = None) -> np.ndarray:
+    """`decode_rgb` for an image `open_image` already opened (so its header is read once)."""
+    if draft is not None and image.format == "JPEG":
+        swapped = _orientation(image) in SWAPS_AXES
+        image.draft("RGB", draft[::-1] if swapped else draft)
+    fmt = image.format
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image.load()
+            if _orientation(image) != 1:
+                image = ImageOps.exif_transpose(image)
+            return np.require(to_rgb_array(image), requirements="W")   # PIL gives read-only arrays
+        except BadImage:
+            raise
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+            raise BadImage(f"corrupt or truncated {fmt} data ({err})") from err
