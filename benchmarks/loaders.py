@@ -33,6 +33,9 @@ LEGEND = [
      "(shared pages split between processes)"),
     "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
     "feed µs/img: DALI only, main-thread time spent handing each sample to the pipeline (timed epochs)",
+    ("decoded px/out px: JPEG pixels decoded per output pixel (raw samples decode none); ffcv's crop "
+     "decoder counts what it decoded, whole-image decoders the stored size of every JPEG sample"),
+    "ffcv:stock is FFCV's own decoder (full decode, INTER_AREA); ffcv is the crop decoder when built",
     "each row runs in its own fresh process unless --no-isolate was given (see settings)",
 ]
 
@@ -56,6 +59,29 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
+VARIANT_OPTION = {"ffcv": "decoder"}   # "ffcv:stock" -> backend ffcv with decoder="stock"
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """'ffcv:stock' -> ('ffcv', {'decoder': 'stock'}); a plain name has no extra options."""
+    backend, colon, variant = name.partition(":")
+    if not colon:
+        return backend, {}
+    if backend not in VARIANT_OPTION or not variant:
+        raise SystemExit(f"error: unknown backend variant {name!r}; variants: "
+                         + ", ".join(f"{key}:<{value}>" for key, value in VARIANT_OPTION.items()))
+    return backend, {VARIANT_OPTION[backend]: variant}
+
+
+def whole_image_decoded_pixels(data: str, split: str, resolution: int) -> float:
+    """Decoded px per output px for a loader that decodes every stored JPEG whole."""
+    from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
+
+    samples = BetonSamples(check_beton(data, split))
+    jpeg = samples.mode != MODE_RAW
+    return float((samples.height * samples.width)[jpeg].sum() / (len(samples) * resolution ** 2))
+
+
 def parse_backend_options(pairs: list[str] | None) -> dict[str, dict]:
     """['dali.hw_decoder_load=0.7', 'ffcv.os_cache=True'] -> {'dali': {'hw_decoder_load': 0.7}, ...}."""
     options: dict[str, dict] = {}
@@ -77,12 +103,14 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
                  options: dict | None = None, progress: Progress | None = None,
                  max_batches: int | None = None) -> dict:
     """Build the loader, run warm-up + timed epochs under a resource sampler; returns one result row."""
-    from fastpipe.data import build_loader
+    from fastpipe.data import build_loader, crop_decode
 
+    backend, variant_options = split_variant(case.backend)
     with ResourceSampler() as usage:
-        loader = build_loader(backend=case.backend, data=data, split=case.split, batch_size=case.batch_size,
+        loader = build_loader(backend=backend, data=data, split=case.split, batch_size=case.batch_size,
                               resolution=case.res, workers=case.workers, device=device, shuffle=True,
-                              drop_last=True, seed=0, **(options or {}))
+                              drop_last=True, seed=0, **{**(options or {}), **variant_options})
+        crop_decoder = getattr(loader, "decoder_kind", None) == "crop"
         batches = len(loader) if max_batches is None else min(len(loader), max_batches)
         if batches < 1:
             raise ValueError(f"{case.split} split has fewer than batch_size={case.batch_size} samples; "
@@ -101,6 +129,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         feed = getattr(loader, "feed", None)   # DALI: main-thread time handing batches over
         if feed is not None:
             feed.reset()
+        crop_decode.reset_counters()
         for epoch in range(warmup, warmup + epochs):
             loader.set_epoch(epoch)
             images, seconds = time_epoch(loader, device, max_batches, advance)
@@ -108,8 +137,13 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
             usage.sample()
             rss_after_epoch.append(usage.current_rss_bytes)
             pss_after_epoch.append(usage.tree_pss_bytes())
+        work = crop_decode.read_counters()
         del loader
         gc.collect()
+    if crop_decoder:
+        decoded = work["decoded_pixels"] / max(work["output_pixels"], 1)
+    else:
+        decoded = whole_image_decoded_pixels(data, case.split, case.res)
     if task is not None:
         progress.remove_task(task)
     growth = (100.0 * (rss_after_epoch[-1] / rss_after_epoch[0] - 1.0)
@@ -123,9 +157,10 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "pss_mb": round(max(pss_after_epoch) / 2**20, 1) if None not in pss_after_epoch else None,
         "cpu_util_pct": round(usage.cpu_util_pct, 1),
         "rss_growth_pct": None if growth is None else round(growth, 2),
+        "decoded_px_per_output_px": round(decoded, 2),
         "feed_us_per_sample": None if feed is None or feed.us_per_sample is None else round(feed.us_per_sample, 2),
         "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
-        "options": options or {},
+        "options": {**(options or {}), **variant_options},
     }
 
 
@@ -148,7 +183,7 @@ def unavailable_backends(backends: list[str]) -> dict[str, str]:
         return {name: f"fastpipe.data cannot be imported ({exc})" for name in backends}
     available = set(available_backends())
     return {name: f"backend {name!r} is not available here (available: {', '.join(sorted(available))})"
-            for name in backends if name not in available}
+            for name in backends if split_variant(name)[0] not in available}
 
 
 def measure_isolated(case: LoaderCase, data: str, device: str, epochs: int, warmup: int,
@@ -170,7 +205,7 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
               isolate: bool = True) -> tuple[list[dict], list[str], int]:
     """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
     rows, notes, failures = [], [], 0
-    skipped = unavailable_backends(sorted({case.backend for case in cases}))
+    skipped = unavailable_backends(sorted({case.backend for case in cases}))   # variants: by their backend
     for backend, reason in skipped.items():
         notes.append(f"{backend}: skipped, {reason}")
         console.print(f"[yellow]{backend}: skipped, {reason}[/yellow]")
@@ -180,12 +215,13 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
         overall = progress.add_task("loader benchmark", total=len(runnable))
         for case in runnable:
             progress.update(overall, description=f"{case.backend} {case.res}px, {case.workers} workers")
+            backend_options = options.get(split_variant(case.backend)[0])
             try:
                 if isolate:
-                    rows.append(measure_isolated(case, data, device, epochs, warmup, options.get(case.backend),
+                    rows.append(measure_isolated(case, data, device, epochs, warmup, backend_options,
                                                  max_batches))
                 else:
-                    rows.append(measure_case(case, data, device, epochs, warmup, options.get(case.backend),
+                    rows.append(measure_case(case, data, device, epochs, warmup, backend_options,
                                              progress, max_batches))
             except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the rest
                 failures += 1
@@ -201,7 +237,8 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="converter output folder (betons + manifest.json)")
     parser.add_argument("--backends", default="ffcv,dali,torch",
-                        help="comma-separated; torch (the baseline) is always added")
+                        help="comma-separated; torch (the baseline) is always added; ffcv:stock is FFCV's "
+                             "own decoder, ffcv:crop the crop decoder")
     parser.add_argument("--res", default="160", help="comma-separated resolutions in px")
     parser.add_argument("--workers", default="2", help="comma-separated worker counts")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,7 @@ from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import IMAGE_FIELD, INT_FIELD, check_beton, read_fields
 
 ORDERS = ("random", "quasi_random")
+DECODERS = ("auto", "crop", "stock")
 
 
 def _quiet_numba_finalizer(previous_hook):
@@ -52,15 +54,31 @@ def release_freed_memory() -> None:
         pass
 
 
+def choose_decoder(decoder: str) -> str:
+    from fastpipe.data import crop_decode
+
+    if decoder not in DECODERS:
+        raise ValueError(f"ffcv decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "stock" or crop_decode.available():
+        return "crop" if decoder == "auto" else decoder
+    if decoder == "crop":
+        raise RuntimeError(f"ffcv decoder='crop' asked for, but {crop_decode.MISSING}.")
+    warnings.warn(f"FFCV uses its stock decoder: {crop_decode.MISSING}.", stacklevel=3)
+    return "stock"
+
+
 class FFCVLoader(LoaderBase):
     """Options: order ("random" | "quasi_random"), os_cache (bool), batches_ahead (int), bound_rss (bool:
     give freed epoch buffers back to the OS when RSS grows; keeps memory flat over long runs at a cost of
-    roughly 10% img/s on a 2-core machine, measured with benchmarks/loaders; False trades memory for speed)."""
+    roughly 10% img/s on a 2-core machine, measured with benchmarks/loaders; False trades memory for speed),
+    decoder ("crop": decode only each crop's window at a DCT scale that fits the output, bilinear resize
+    under 2x shrink; "stock": FFCV's decoder, full decode + INTER_AREA; "auto": crop when the native
+    library is built, else stock with a warning)."""
 
     backend = "ffcv"
 
     def __init__(self, data, split: str = "train", *, order: str = "random", os_cache: bool = True,
-                 batches_ahead: int = 3, bound_rss: bool = True, **common):
+                 batches_ahead: int = 3, bound_rss: bool = True, decoder: str = "auto", **common):
         super().__init__(data, split, **common)
         self.bound_rss = bound_rss
         self.baseline_rss: int | None = None   # RSS after the first epoch; see bound_memory
@@ -72,19 +90,22 @@ class FFCVLoader(LoaderBase):
         if batches_ahead < 1:
             raise ValueError(f"batches_ahead must be at least 1, got {batches_ahead}")
         path = check_beton(self.data_dir, split, self.manifest)   # FFCV itself would crash on a bad file
+        self.decoder_kind = choose_decoder(decoder)
 
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from fastpipe.data.ffcv_decoders import SeededRandomResizedCrop, add_epoch_column
+        from fastpipe.data.ffcv_decoders import NativeCenterCrop, SeededRandomResizedCrop, add_epoch_column
 
         size = (self.resolution, self.resolution)
+        native = self.decoder_kind == "crop"
         if self.train:   # crop and flip drawn from (seed, epoch, sample index): see ffcv_decoders
-            self.decoder = SeededRandomResizedCrop(size, self.scale, self.ratio, seed=self.seed, flip=self.flip)
+            self.decoder = SeededRandomResizedCrop(size, self.scale, self.ratio, seed=self.seed, flip=self.flip,
+                                                   native=native)
         else:
-            self.decoder = CenterCropRGBImageDecoder(size, ratio=VAL_CROP_RATIO)
+            self.decoder = (NativeCenterCrop if native else CenterCropRGBImageDecoder)(size, ratio=VAL_CROP_RATIO)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         image_pipeline = [self.decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
         label_pipeline = [IntDecoder(), ToTensor(), *to_device]

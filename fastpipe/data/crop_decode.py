@@ -1,0 +1,82 @@
+"""The native crop decoder (`_cropdecode.cpp`) seen from Python and numba: decode only a JPEG's crop
+window, at the largest DCT scale that keeps it at least the output size, then a cheap resize; raw pixels
+get the same crop + resize. `available()` says whether the library was built; without it FFCV's
+stock decoder runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from ctypes import c_int, c_uint, c_uint64, c_void_p
+
+import numpy as np
+
+COUNTERS = ("samples", "decoded_pixels", "stored_pixels", "output_pixels", "full_decodes",
+            "scaled_decodes", "failures")
+MAX_DENOM = 8   # DCT scales 1/1, 1/2, 1/4, 1/8
+MISSING = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
+           "`make sysdeps` (libjpeg-dev, libopencv-dev), then `pip install --no-build-isolation -e .`")
+
+
+def _load():
+    spec = importlib.util.find_spec("fastpipe.data._cropdecode")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        return ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+
+
+_lib = _load()
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def _bind(name, argtypes, restype):
+    if _lib is None:
+        return None
+    function = getattr(_lib, name)
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+_decode_crop = _bind("fp_decode_crop", [c_void_p, c_uint64] + [c_uint] * 6 + [c_void_p, c_uint, c_uint, c_int, c_uint],
+                     c_int)
+_crop_resize = _bind("fp_crop_resize", [c_void_p] + [c_uint] * 6 + [c_void_p, c_uint, c_uint, c_int], c_int)
+_scale_denom = _bind("fp_scale_denom", [c_uint] * 5, c_uint)
+_read_counters = _bind("fp_read_counters", [c_void_p], None)
+_reset_counters = _bind("fp_reset_counters", [], None)
+
+
+# numba compiles these (FFCV's Compiler.compile) into calls of the C functions, without the GIL.
+def decode_crop(source, height, width, top, left, crop_h, crop_w, destination, flip, max_denom):
+    """JPEG bytes -> the crop resized into destination (H, W, 3); returns the DCT scale denominator used,
+    negative when libjpeg rejects the file (destination zeroed)."""
+    return _decode_crop(source.ctypes.data, source.size, height, width, top, left, crop_h, crop_w,
+                        destination.ctypes.data, destination.shape[0], destination.shape[1], flip, max_denom)
+
+
+def crop_resize(pixels, top, left, crop_h, crop_w, destination, flip):
+    """Raw (H, W, 3) pixels -> the crop resized into destination."""
+    return _crop_resize(pixels.ctypes.data, pixels.shape[0], pixels.shape[1], top, left, crop_h, crop_w,
+                        destination.ctypes.data, destination.shape[0], destination.shape[1], flip)
+
+
+def scale_denom(crop_h: int, crop_w: int, out_h: int, out_w: int, max_denom: int = MAX_DENOM) -> int:
+    return int(_scale_denom(crop_h, crop_w, out_h, out_w, max_denom))
+
+
+def read_counters() -> dict[str, int]:
+    """Work done since the last reset, summed over threads (stays zero without the library)."""
+    values = np.zeros(len(COUNTERS), dtype=np.uint64)
+    if _lib is not None:
+        _read_counters(values.ctypes.data)
+    return dict(zip(COUNTERS, (int(value) for value in values)))
+
+
+def reset_counters() -> None:
+    if _lib is not None:
+        _reset_counters()

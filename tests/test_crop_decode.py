@@ -1,0 +1,233 @@
+"""The native crop decoder: a crop window decoded alone equals the same window of a full decode (exactly at
+DCT scale 1, within a stated mean absolute difference when DCT-scaled), for every kind of JPEG; raw crops
+land on the right pixels; the FFCV loader takes the same crops and flips with either decoder."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from ffcv.libffcv import imdecode
+from PIL import Image
+
+from fastpipe.data import build_loader, crop_decode
+from tests.data_helpers import write_dataset
+
+pytestmark = pytest.mark.skipif(not crop_decode.available(), reason=crop_decode.MISSING)
+
+# Mean absolute difference (0-255) between a DCT-scaled decode + resize and a full decode + crop + area
+# resize of the same window, on noisy photo-like images at quality 90 (measured: 1.7, 1.6, 3.7 mean).
+SCALED_BOUND = {2: 2.5, 4: 2.5, 8: 6.0}
+
+
+def photo(rng, height: int, width: int) -> np.ndarray:
+    """Smooth colour regions plus sensor-like noise: enough detail for DCT scaling to matter."""
+    base = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
+    base = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+    return (base + rng.normal(0, 12, (height, width, 3))).clip(0, 255).astype(np.uint8)
+
+
+def coordinates(height: int, width: int) -> np.ndarray:
+    """Pixels that encode where they are: red = x, green = y, blue = the 256-px tile."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x % 256, y % 256, (x // 256) * 16 + y // 256], axis=-1).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, *, mode: str = "RGB", **options) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", quality=options.pop("quality", 92), **options)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+def full_decode(jpeg: np.ndarray, height: int, width: int) -> np.ndarray:
+    """FFCV's stock decode of the whole image (TurboJPEG)."""
+    pixels = np.zeros(height * width * 3, dtype=np.uint8)
+    imdecode(jpeg, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+    return pixels.reshape(height, width, 3)
+
+
+def random_window(rng, height: int, width: int, smallest: int = 1) -> tuple[int, int, int, int]:
+    crop_h, crop_w = int(rng.integers(smallest, height + 1)), int(rng.integers(smallest, width + 1))
+    return int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w
+
+
+def decode_window(jpeg, height, width, top, left, crop_h, crop_w, out_shape=None, flip=0, max_denom=1):
+    out = np.zeros((*(out_shape or (crop_h, crop_w)), 3), dtype=np.uint8)
+    used = crop_decode.decode_crop(jpeg, height, width, top, left, crop_h, crop_w, out, flip, max_denom)
+    return out, used
+
+
+CORPUS = {   # name: (height, width, PIL save options) -- odd sizes, every sampling FFCV-written files use and more
+    "baseline_420": (257, 333, {"subsampling": 2}),
+    "baseline_444": (123, 97, {"subsampling": 0}),
+    "baseline_422": (200, 301, {"subsampling": 1}),
+    "progressive_420": (245, 171, {"subsampling": 2, "progressive": True}),
+    "tiny": (7, 13, {}),
+    "restart_markers": (150, 211, {"subsampling": 2, "restart_marker_blocks": 3}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_window_equals_the_same_window_of_a_full_decode(name):
+    height, width, options = CORPUS[name]
+    rng = np.random.default_rng(len(name))
+    jpeg = encode(photo(rng, height, width), **options)
+    reference = full_decode(jpeg, height, width)
+    for _ in range(40):
+        top, left, crop_h, crop_w = random_window(rng, height, width)
+        out, used = decode_window(jpeg, height, width, top, left, crop_h, crop_w)
+        assert used == 1
+        np.testing.assert_array_equal(out, reference[top:top + crop_h, left:left + crop_w],
+                                      err_msg=f"{name} window {(top, left, crop_h, crop_w)}")
+
+
+def test_grayscale_jpeg_decodes_to_equal_rgb_channels():
+    rng = np.random.default_rng(3)
+    gray = photo(rng, 99, 141)[..., 0]
+    jpeg = encode(gray, mode="L")
+    out, _ = decode_window(jpeg, 99, 141, 10, 20, 60, 90)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    np.testing.assert_array_equal(out, full_decode(jpeg, 99, 141)[10:70, 20:110])
+
+
+def test_cmyk_jpeg_falls_back_to_a_full_decode_with_the_same_colours():
+    rng = np.random.default_rng(4)
+    pixels = photo(rng, 90, 120)
+    jpeg = encode(pixels, mode="CMYK", quality=95)
+    before = crop_decode.read_counters()["full_decodes"]
+    out, used = decode_window(jpeg, 90, 120, 5, 7, 50, 70)
+    assert used == 1 and crop_decode.read_counters()["full_decodes"] == before + 1
+    reference = np.asarray(Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB"))[5:55, 7:77]
+    assert np.abs(out.astype(int) - reference).mean() < 2.0   # PIL: accurate DCT; here the fast one, as stock
+    assert np.abs(out.astype(int) - pixels[5:55, 7:77]).mean() < 6   # and close to what was encoded
+
+
+def test_windows_land_on_their_coordinates():
+    """Pixels encode their coordinates, so a window shifted by even one pixel is caught."""
+    height, width = 300, 520
+    pixels = coordinates(height, width)
+    jpeg = encode(pixels, quality=100, subsampling=0)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        top, left, crop_h, crop_w = random_window(rng, height, width, smallest=16)
+        out, _ = decode_window(jpeg, height, width, top, left, crop_h, crop_w)
+        expected = pixels[top:top + crop_h, left:left + crop_w].astype(int)
+        error = np.abs(out.astype(int) - expected)
+        assert np.median(error) <= 2, (top, left, crop_h, crop_w)   # one column off would be ~1 everywhere in red
+
+
+def test_raw_crop_resize_takes_the_exact_window_and_mirrors():
+    height, width = 280, 300
+    pixels = coordinates(height, width)
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        top, left, crop_h, crop_w = random_window(rng, height, width)
+        out = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
+        crop_decode.crop_resize(pixels, top, left, crop_h, crop_w, out, 0)
+        np.testing.assert_array_equal(out, pixels[top:top + crop_h, left:left + crop_w])
+        crop_decode.crop_resize(pixels, top, left, crop_h, crop_w, out, 1)
+        np.testing.assert_array_equal(out, pixels[top:top + crop_h, left:left + crop_w][:, ::-1])
+
+
+def test_resize_is_bilinear_under_two_x_and_area_beyond():
+    rng = np.random.default_rng(7)
+    pixels = photo(rng, 240, 240)
+    for side, filter_ in ((160, cv2.INTER_LINEAR), (100, cv2.INTER_AREA)):
+        out = np.zeros((side, side, 3), dtype=np.uint8)
+        crop_decode.crop_resize(pixels, 0, 0, 240, 240, out, 0)
+        expected = cv2.resize(pixels, (side, side), interpolation=filter_)
+        other = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA + cv2.INTER_LINEAR - filter_)
+        error = np.abs(out.astype(int) - expected)
+        assert error.max() <= 1, side   # OpenCV builds may round a last bit differently
+        assert error.mean() < np.abs(out.astype(int) - other).mean() / 4, side
+
+
+@pytest.mark.parametrize("denom", [2, 4, 8])
+def test_dct_scaling_stays_within_its_stated_bound(denom):
+    rng = np.random.default_rng(denom)
+    side = 32
+    differences = []
+    for _ in range(8):
+        height, width = int(rng.integers(300, 600)), int(rng.integers(300, 600))
+        jpeg = encode(photo(rng, height, width), quality=90, subsampling=2)
+        reference = full_decode(jpeg, height, width)
+        # windows on the scale's grid, between 1x and 2x the smallest size that allows this scale
+        crop_h = int(rng.integers(denom * side, min(height, 2 * denom * side))) // denom * denom
+        crop_w = int(rng.integers(denom * side, min(width, 2 * denom * side))) // denom * denom
+        top = int(rng.integers(0, (height - crop_h) // denom + 1)) * denom
+        left = int(rng.integers(0, (width - crop_w) // denom + 1)) * denom
+        out, used = decode_window(jpeg, height, width, top, left, crop_h, crop_w, (side, side), max_denom=8)
+        assert used == denom == crop_decode.scale_denom(crop_h, crop_w, side, side)
+        expected = cv2.resize(reference[top:top + crop_h, left:left + crop_w], (side, side),
+                              interpolation=cv2.INTER_AREA)
+        differences.append(np.abs(out.astype(int) - expected).mean())
+    assert max(differences) < SCALED_BOUND[denom], differences
+
+
+def test_scale_is_the_largest_that_keeps_the_crop_at_least_the_output():
+    assert crop_decode.scale_denom(320, 320, 160, 160) == 2
+    assert crop_decode.scale_denom(319, 400, 160, 160) == 1
+    assert crop_decode.scale_denom(1280, 700, 160, 160) == 4
+    assert crop_decode.scale_denom(5000, 5000, 160, 160) == 8
+    assert crop_decode.scale_denom(5000, 5000, 160, 160, max_denom=2) == 2
+
+
+def test_broken_jpeg_gives_zeros_and_a_negative_result_never_a_crash():
+    rng = np.random.default_rng(8)
+    jpeg = encode(photo(rng, 64, 64))
+    out = np.full((32, 32, 3), 7, dtype=np.uint8)
+    failures = crop_decode.read_counters()["failures"]
+    assert crop_decode.decode_crop(jpeg[:40].copy(), 64, 64, 0, 0, 64, 64, out, 0, 8) < 0
+    assert not out.any() and crop_decode.read_counters()["failures"] == failures + 1
+    assert crop_decode.decode_crop(jpeg, 64, 64, 60, 0, 10, 10, out, 0, 8) < 0   # window outside the image
+
+
+@pytest.mark.skipif(shutil.which("pkg-config") is None, reason="pkg-config not installed")
+def test_library_is_built_wherever_its_headers_are():
+    """Guards against a silent fall back to the stock decoder on machines that could build it."""
+    headers = subprocess.run(["pkg-config", "--exists", "libjpeg", "opencv4"], check=False).returncode == 0
+    assert crop_decode.available() or not headers
+
+
+@pytest.mark.parametrize("write_mode", ["jpg", "raw"])
+def test_loader_takes_the_same_crops_and_flips_with_either_decoder(tmp_path, write_mode):
+    data = write_dataset(tmp_path, train=24, val=12, write_mode=write_mode)
+    common = {"data": data, "batch_size": 8, "resolution": 32, "workers": 2, "shuffle": False,
+              "normalize": False, "dtype": torch.uint8, "seed": 3, "min_scale": 0.3}
+    for split in ("train", "val"):
+        stock = build_loader("ffcv", split=split, decoder="stock", **common)
+        crop = build_loader("ffcv", split=split, decoder="crop", **common)
+        assert crop.decoder_kind == "crop" and stock.decoder_kind == "stock"
+        for epoch in (0, 1):
+            stock.set_epoch(epoch)
+            crop.set_epoch(epoch)
+            for (a, labels_a), (b, labels_b) in zip(stock, crop):
+                assert torch.equal(labels_a, labels_b)
+                # bilinear vs area resize of the same window: close, and far from a mirrored image
+                difference = (a.float() - b.float()).abs().mean().item()
+                mirrored = (a.float() - b.flip(-1).float()).abs().mean().item()
+                assert difference < 3.0 and difference < mirrored / 3, (split, epoch, difference, mirrored)
+
+
+def test_loader_follows_resolution_changes_with_the_crop_decoder(tmp_path):
+    data = write_dataset(tmp_path, train=16, val=8)
+    loader = build_loader("ffcv", data=data, batch_size=8, resolution=32, workers=1, decoder="crop")
+    assert next(iter(loader))[0].shape[-2:] == (32, 32)
+    loader.set_resolution(48)
+    assert next(iter(loader))[0].shape[-2:] == (48, 48)
+
+
+def test_asking_for_the_crop_decoder_without_the_library_says_how_to_build_it(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path, train=8, val=8)
+    monkeypatch.setattr(crop_decode, "_lib", None)
+    with pytest.raises(RuntimeError, match="make sysdeps"):
+        build_loader("ffcv", data=data, batch_size=4, resolution=32, workers=1, decoder="crop")
+    with pytest.warns(UserWarning, match="stock decoder"):
+        loader = build_loader("ffcv", data=data, batch_size=4, resolution=32, workers=1)
+    assert loader.decoder_kind == "stock"
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        build_loader("ffcv", data=data, batch_size=4, resolution=32, workers=1, decoder="fast")
