@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp | sha256sum | cut -c1-16)
 DATA    := data
 DEMO    := $(DATA)/demo
 
@@ -10,15 +10,16 @@ DEMO    := $(DATA)/demo
 
 setup: $(STAMP)
 
-# FFCV compiles against OpenCV and libjpeg-turbo; install them when pkg-config cannot see them.
-SYSPKGS := pkg-config libopencv-dev libturbojpeg0-dev
+# FFCV compiles against OpenCV and libjpeg-turbo, fastpipe's crop decoder against OpenCV and libjpeg's
+# own API (libjpeg-dev); install them when pkg-config cannot see them.
+SYSPKGS := pkg-config libopencv-dev libturbojpeg0-dev libjpeg-dev
 sysdeps:
-	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then :; \
+	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
 	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
 	else echo "fastpipe needs system libraries for ffcv. Run:  sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp
 	@$(MAKE) --no-print-directory sysdeps
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
@@ -60,6 +61,12 @@ bundle: sysdeps
 	cd $(BUNDLE)/ffcv && unzip -q -o wheels/ffcv-*.whl 'ffcv/_libffcv*.so' -d so && \
 		ldd so/ffcv/_libffcv*.so | awk '/=> \//{print $$3}' | \
 		grep -vE '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | xargs -r -I{} cp -L {} lib/ && rm -rf so
+	# the crop decoder built for cp312 (the box may lack a compiler or headers); its libraries join ffcv's
+	$(CXX) -O3 -std=c++17 -shared -fPIC -I"$$($(PY312) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		$$(pkg-config --cflags-only-I opencv4 libjpeg) fastpipe/data/_cropdecode.cpp -ljpeg -lopencv_imgproc -lopencv_core \
+		-o $(BUNDLE)/ffcv/_cropdecode$$($(PY312) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+	ldd $(BUNDLE)/ffcv/_cropdecode*.so | awk '/=> \//{print $$3}' | \
+		grep -vE '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | xargs -r -I{} cp -L {} $(BUNDLE)/ffcv/lib/
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d $(BUNDLE)/dali/wheels \
 		-c constraints.txt nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 astunparse gast \
