@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {loaders,autotune,compare,train-step,gpu,convert} ...`.
+"""Command line: `python -m benchmarks {loaders,autotune,compare,train-step,gpu,lr-sweep,quality,convert} ...`.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> exit code`;
 modules are imported only when their subcommand runs, so `--help` stays fast.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "compare": ("benchmarks.compare", "compare two results JSON files row by row"),
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),
     "gpu": ("benchmarks.gpu", "the GPU run in one command: preflight, gpu tests, loaders, training, graphs"),
+    "lr-sweep": ("benchmarks.lr_sweep", "lr=auto against a sweep of fixed peak LRs on the small-image sets"),
 }
 CONVERTER = "benchmarks.converter"
 

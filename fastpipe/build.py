@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastpipe import distributed as dist_utils
-from fastpipe.config import Config
+from fastpipe.config import SMALL_IMAGE_MAX_RESOLUTION, Config
 from fastpipe.data.device import resolve_device
 from fastpipe.runtime import Precision, TrainingError, configure_backends, resolve_precision, seed_everything
 from fastpipe.step import TrainStep
@@ -85,18 +85,36 @@ def build_loader(config: Config, split: str, runtime: Runtime, **overrides):
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from: str | Path | None = None,
-                log=print) -> nn.Module:
-    """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
-    torchvision ResNet, BlurPool, optional fine-tune initialisation, freezing."""
-    from fastpipe.checkpoint import load_checkpoint
-    from fastpipe.model import apply_freeze, build_resnet, load_weights
+def resolve_stem(config: Config) -> tuple[str, str]:
+    """(stem, why): model.stem, with "auto" decided by the largest training resolution."""
+    if config.model.stem != "auto":
+        return config.model.stem, "set by model.stem"
+    resolution = config.max_train_resolution()
+    if resolution <= SMALL_IMAGE_MAX_RESOLUTION:
+        return "small", f"auto: training resolution up to {resolution} px <= {SMALL_IMAGE_MAX_RESOLUTION}"
+    return "imagenet", f"auto: training resolution up to {resolution} px > {SMALL_IMAGE_MAX_RESOLUTION}"
 
-    model = build_resnet(config.model.arch, num_classes, blurpool=config.model.blurpool,
-                         zero_init_residual=config.model.zero_init_residual)
+
+def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from: str | Path | None = None,
+                stem: str | None = None, log=print) -> nn.Module:
+    """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
+    torchvision ResNet with the config's stem and width, BlurPool, optional fine-tune initialisation,
+    freezing. `stem` (a checkpoint's) replaces the one the config resolves to."""
+    from fastpipe.checkpoint import CheckpointError, load_checkpoint
+    from fastpipe.model import apply_freeze, build_resnet, load_weights, stem_of
+
+    stem = stem or resolve_stem(config)[0]
+    model = build_resnet(config.model.arch, num_classes, stem=stem, width=config.model.width,
+                         blurpool=config.model.blurpool, zero_init_residual=config.model.zero_init_residual)
     if init_from:
         source = Path(init_from) / "best.pt" if Path(init_from).is_dir() else Path(init_from)
-        reset = load_weights(model, load_checkpoint(source)["model"])
+        state = load_checkpoint(source)
+        if stem_of(state) != stem:
+            raise CheckpointError(
+                f"{source} was trained with model.stem=\"{stem_of(state)}\", but this run builds the \"{stem}\" "
+                f"stem ({resolve_stem(config)[1]}); their first layers differ, so its weights cannot start this "
+                f"model. Set --model.stem={stem_of(state)} to fine-tune from it, or train without --init-from.")
+        reset = load_weights(model, state["model"])
         log(f"initialised from {init_from}; freshly initialised: {', '.join(reset) or 'none'}")
     apply_freeze(model, config.model.freeze)
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
@@ -156,12 +174,13 @@ class Training:
     step: TrainStep | None = None
 
 
-def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_from=None, log=print) -> Training:
+def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_from=None, stem: str | None = None,
+                   log=print) -> Training:
     """Model, training wrapper and optimizer. The schedule and step follow with `schedule_training`
     once the peak LR is known (optim.lr = "auto" runs the LR finder on this model first)."""
     from fastpipe.optim import build_optimizer
 
-    model = build_model(config, num_classes, runtime, init_from=init_from, log=log)
+    model = build_model(config, num_classes, runtime, init_from=init_from, stem=stem, log=log)
     train_model, counter = wrap_for_training(model, config, runtime)
     return Training(model, train_model, counter, build_optimizer(model, config))
 

@@ -68,6 +68,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"   # torchvision ResNet
+    stem: Literal["auto", "imagenet", "small"] = "auto"   # small: 3x3 conv, no max-pool; auto: small at <= 64 px training
+    width: int = 64                      # channels of the first stage (torchvision: 64); 32 or 16 for small images on a CPU
     compile: bool | Literal["auto"] = "auto"    # torch.compile; auto: on for CUDA, off for CPU
     compile_backend: str = "inductor"           # torch.compile backend ("aot_eager" to debug)
     channels_last: bool = True           # NHWC memory format (faster convolutions on tensor cores)
@@ -137,6 +139,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # not a section: (key, value, why) of each default `load_config` replaced for small images
+    size_defaults: tuple = field(default=(), compare=False, repr=False, metadata={"section": False})
+
+    def max_train_resolution(self) -> int:
+        """The largest resolution any training epoch uses (a progressive run ends there)."""
+        schedule = self.schedule_for_resolution()
+        return max(schedule.resolution_at(epoch) for epoch in range(self.schedule.epochs))
 
     def schedule_for_resolution(self) -> ResolutionSchedule:
         res = self.resolution
@@ -146,11 +155,18 @@ class Config:
                                   batch_size=self.data.batch_size)
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _SECTION_CLASSES}
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_SECTION_FIELDS = [f for f in dataclasses.fields(Config) if f.metadata.get("section", True)]
+SECTIONS = {f.name: f.type for f in _SECTION_FIELDS}
+_SECTION_CLASSES = {f.name: f.default_factory for f in _SECTION_FIELDS}
+
+# At or below this training resolution (px) the defaults below, which assume ImageNet-size photos, give way
+# to small-image values, and model.stem = "auto" picks the small stem. Values measured with
+# `python -m benchmarks quality` (README, "Small images"); a key the user sets is never replaced.
+SMALL_IMAGE_MAX_RESOLUTION = 64
+SMALL_IMAGE_DEFAULTS = {("augment", "min_scale"): 0.35}
 _STAGE_KEYS = {"epochs": int, "resolution": int, "batch_size": int}
 
 
@@ -333,7 +349,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict = ()
         merged["run"]["name"] = stem
     config = Config(**{section: _SECTION_CLASSES[section](**values) for section, values in merged.items()})
     validate(config)
-    return config
+    return small_image_defaults(config, merged)
+
+
+def small_image_defaults(config: Config, given: dict) -> Config:
+    """`config` with SMALL_IMAGE_DEFAULTS in place of the defaults for keys absent from `given` (section ->
+    the keys the files and command line set) when no training epoch exceeds SMALL_IMAGE_MAX_RESOLUTION."""
+    resolution = config.max_train_resolution()
+    if resolution > SMALL_IMAGE_MAX_RESOLUTION:
+        return config
+    changes: dict = {}
+    chosen = []
+    for (section, key), value in SMALL_IMAGE_DEFAULTS.items():
+        if key in given.get(section, {}):
+            continue
+        changes.setdefault(section, {})[key] = value
+        default = getattr(_SECTION_CLASSES[section](), key)
+        why = f"training resolution up to {resolution} px <= {SMALL_IMAGE_MAX_RESOLUTION}; default for larger images {default}"
+        chosen.append((f"{section}.{key}", value, why))
+    if "min_scale" in changes.get("augment", {}):   # never above an explicit max_scale
+        changes["augment"]["min_scale"] = min(changes["augment"]["min_scale"], config.augment.max_scale)
+    sections = {section: dataclasses.replace(getattr(config, section), **values) for section, values in changes.items()}
+    return dataclasses.replace(config, **sections, size_defaults=tuple(chosen))
 
 
 def validate(config: Config) -> None:
@@ -349,6 +386,7 @@ def validate(config: Config) -> None:
         (0 <= config.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
         (config.optim.lr == "auto" or config.optim.lr > 0, "optim.lr must be positive or \"auto\""),
         (config.eval.every >= 1, "eval.every must be at least 1"),
+        (config.model.width >= 8 and config.model.width % 8 == 0, "model.width must be a multiple of 8"),
         (config.train.log_every >= 1, "train.log_every must be at least 1"),
     ]
     for ok, message in checks:

@@ -115,6 +115,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     from fastpipe.class_report import eval_summary
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import write_json_atomic
+    from fastpipe.model import stem_of
     from fastpipe.report import environment
 
     if not (run_dir / "config.toml").is_file():
@@ -127,12 +128,13 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
         raise CheckpointError(f"{path} holds no class names; it was not written by fastpipe.train.")
 
     runtime = build_runtime(config)
-    model = build_model(config, len(classes), runtime)
+    model = build_model(config, len(classes), runtime, stem=stem_of(state))   # the stem the weights were trained with
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.blurpool="
-                              f"{config.model.blurpool}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.width="
+                              f"{config.model.width}, model.blurpool={config.model.blurpool}: "
+                              f"{str(err).splitlines()[0]}") from err
     data, precision = config.data, runtime.precision
     loader = build_loader(config, "val", runtime)
     if list(loader.classes) != classes:

@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     suggestions = result.suggestions()
     payload = {"reason": result.reason, "stopped_early": result.stopped_early, "steps_run": len(result.lrs),
-               **suggestions, "first_epoch_lr_scale": lr_scale,
+               **suggestions, "rule": result.rule, "first_epoch_lr_scale": lr_scale,
                "optim_lr": None if result.suggestion is None else result.suggestion / lr_scale}
     (out_dir / "lr_finder.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"LR range test: {result.reason}")
-    for name, label in (("steepest", "steepest descent (suggestion)"), ("min_loss_div10", "min loss / 10"),
-                        ("valley", "valley")):
+    for name, label in (("steepest", "steepest descent"), ("min_loss_div10", "min loss / 10"), ("valley", "valley")):
         value = suggestions[name]
+        label += " (suggestion)" if name == result.rule else ""
         print(f"  {label:<30} {'-' if value is None else f'{value:.3g}'}")
     if result.suggestion is None:
         print("No suggestion: the sweep was too short to read. Lower [lr_finder] start_lr or raise steps.")

@@ -2,6 +2,8 @@
 
 The sweep trains the real model for a few dozen steps, so everything it touches (weights, buffers,
 gradients, optimizer and scaler state, RNG streams, train/eval mode) is put back bit for bit afterwards.
+Suggestions are read from a centred (zero-lag) smoothing of the loss: a running average, as used to stop
+the sweep, trails the curve by ~1/(1 - smoothing) steps and moves every feature to lower LRs.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 
 SKIP_END = 5  # the last few points of a sweep are the blow-up, not the slope we want
+RULES = ("steepest", "min_loss_div10", "valley")
+SUGGESTION_RULE = "steepest"   # chosen by `python -m benchmarks lr-sweep`: see README, "Choosing the LR"
 
 
 @dataclass
@@ -25,32 +29,39 @@ class LRFinderResult:
 
     lrs: list[float]
     losses: list[float]
-    smoothed: list[float]
-    suggestion: float | None  # steepest descent of the smoothed curve: the recommended max_lr
+    smoothed: list[float]  # centred smoothing of `losses`
+    steepest: float | None  # steepest descent of the smoothed curve
     min_loss_div10: float | None  # LR at the smoothed minimum, divided by 10
     valley: float | None  # fastai's "valley": inside the longest descending stretch
     stopped_early: bool
     reason: str
+    rule: str = SUGGESTION_RULE  # which of the three is `suggestion`
     csv_path: Path | None = None
     png_path: Path | None = None
     indices: dict[str, int] = field(default_factory=dict)  # where each suggestion sits in `lrs`
 
+    @property
+    def suggestion(self) -> float | None:
+        """The recommended peak LR (OneCycleLR's max_lr): the suggestion of `rule`."""
+        return self.suggestions()[self.rule]
+
     def suggestions(self) -> dict[str, float | None]:
-        return {"steepest": self.suggestion, "min_loss_div10": self.min_loss_div10, "valley": self.valley}
+        return {"steepest": self.steepest, "min_loss_div10": self.min_loss_div10, "valley": self.valley}
 
 
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
             batches: Iterable, *, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
             autocast: Callable[[], AbstractContextManager] = nullcontext, scaler: torch.amp.GradScaler | None = None,
-            smoothing: float = 0.98, diverge_factor: float = 4.0,
+            smoothing: float = 0.9, diverge_factor: float = 4.0, rule: str = SUGGESTION_RULE,
             out_dir: str | Path | None = None) -> LRFinderResult:
     """Sweep the LR exponentially from `start_lr` to `end_lr` over `steps` optimizer steps.
 
     `batches` yields (images, labels) already on the model's device; it is restarted with `iter()`
     when exhausted, so a loader with fewer than `steps` batches is fine. Each step runs under
-    `autocast()` and, when given, `scaler` (the same AMP setup as training). The loss is smoothed with a
-    bias-corrected EMA (`smoothing`); the sweep stops when the smoothed loss exceeds `diverge_factor`
-    times its minimum or a loss is NaN/Inf. Every parameter group gets the swept LR. Under DDP the
+    `autocast()` and, when given, `scaler` (the same AMP setup as training). The sweep stops when a
+    bias-corrected running average of the loss (`smoothing`) exceeds `diverge_factor` times its minimum or
+    a loss is NaN/Inf. Suggestions come from the loss smoothed with a centred Gaussian window instead
+    (`centred_smooth`), which does not shift the curve. Every parameter group gets the swept LR. Under DDP the
     loss is averaged over ranks first, so all ranks stop together and get the same suggestions.
 
     Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
@@ -64,17 +75,18 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
         raise ValueError(f"LR finder needs at least 2 steps, got steps={steps}.")
     if not 0 <= smoothing < 1:
         raise ValueError(f"LR finder smoothing must be in [0, 1), got {smoothing}.")
+    if rule not in RULES:
+        raise ValueError(f"Unknown LR finder rule '{rule}'; choose one of {', '.join(RULES)}.")
 
     saved = _snapshot(model, optimizer, scaler)
     try:
-        lrs, losses, smoothed, stopped_early, reason = _sweep(
+        lrs, losses, stopped_early, reason = _sweep(
             model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
             smoothing, diverge_factor)
     finally:
         _restore(saved, model, optimizer, scaler)
 
-    result = LRFinderResult(lrs, losses, smoothed, None, None, None, stopped_early, reason)
-    _suggest(result, skip_start=max(1, steps // 10))
+    result = read_curve(lrs, losses, steps=steps, stopped_early=stopped_early, reason=reason, rule=rule)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +95,19 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
     return result
 
 
+def read_curve(lrs: list[float], losses: list[float], *, steps: int, stopped_early: bool = False, reason: str = "",
+               rule: str = SUGGESTION_RULE) -> LRFinderResult:
+    """The suggestions for a sweep's (LR, loss) points; `steps` is the sweep's planned length, which sets the
+    smoothing window (1/40 of it, at least one step) and the noisy start that is skipped (1/10)."""
+    smoothed = centred_smooth(losses, sigma=max(1.0, steps / 40)).tolist()
+    result = LRFinderResult(list(lrs), list(losses), smoothed, None, None, None, stopped_early, reason, rule)
+    _suggest(result, skip_start=max(1, steps // 10))
+    return result
+
+
 def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
            smoothing, diverge_factor):
-    lrs, losses, smoothed = [], [], []
+    lrs, losses = [], []
     ratio = end_lr / start_lr
     average, best = 0.0, math.inf
     model.train()
@@ -100,7 +122,7 @@ def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autoca
             loss = criterion(model(images), labels)
         value = _mean_over_ranks(loss)
         if not math.isfinite(value):
-            return lrs, losses, smoothed, True, f"loss became {value} at lr={lr:.3g} (step {step})"
+            return lrs, losses, True, f"loss became {value} at lr={lr:.3g} (step {step})"
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -112,13 +134,26 @@ def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autoca
         current = average / (1 - smoothing ** (step + 1))  # bias correction, as in Adam
         lrs.append(lr)
         losses.append(value)
-        smoothed.append(current)
         best = min(best, current)
         if step > 0 and current > diverge_factor * best:
             reason = (f"smoothed loss {current:.4g} exceeded {diverge_factor:g}x its minimum {best:.4g} "
                       f"at lr={lr:.3g} (step {step})")
-            return lrs, losses, smoothed, True, reason
-    return lrs, losses, smoothed, False, f"completed {steps} steps up to lr={end_lr:.3g}"
+            return lrs, losses, True, reason
+    return lrs, losses, False, f"completed {steps} steps up to lr={end_lr:.3g}"
+
+
+def centred_smooth(values, sigma: float) -> np.ndarray:
+    """Gaussian-weighted average over neighbours on both sides (`sigma` in steps): no lag, unlike a running
+    average. Near the ends the window holds what there is, renormalised."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return values
+    half = min(int(3 * sigma), len(values) - 1)
+    offsets = np.arange(-half, half + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    total = np.convolve(values, kernel, mode="same")
+    weight = np.convolve(np.ones_like(values), kernel, mode="same")
+    return total / weight
 
 
 def _mean_over_ranks(loss: torch.Tensor) -> float:
@@ -192,7 +227,7 @@ def _suggest(result: LRFinderResult, skip_start: int) -> None:
     steepest = int(np.argmin(np.gradient(window, np.log10(window_lrs))))
     lowest = int(np.argmin(window))
     valley = _valley_index(window)
-    result.suggestion = float(window_lrs[steepest])
+    result.steepest = float(window_lrs[steepest])
     result.min_loss_div10 = float(window_lrs[lowest] / 10)
     result.valley = float(window_lrs[valley])
     result.indices = {"steepest": start + steepest, "min_loss": start + lowest, "valley": start + valley}
@@ -232,16 +267,17 @@ def plot(result: LRFinderResult, path: Path) -> Path:
     if len(lrs):
         ax.plot(lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
         ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
-        markers = [("steepest", result.suggestion, "tab:red", "o", "suggestion (steepest)"),
-                   ("min_loss", result.min_loss_div10, "tab:green", "s", "min loss / 10"),
+        markers = [("steepest", result.steepest, "tab:red", "o", "steepest"),
+                   ("min_loss_div10", result.min_loss_div10, "tab:green", "s", "min loss / 10"),
                    ("valley", result.valley, "tab:orange", "^", "valley")]
         for key, lr, color, marker, label in markers:
             if lr is None:
                 continue
+            chosen = key == result.rule
             y = float(np.interp(np.log(lr), np.log(lrs), smoothed))
             ax.axvline(lr, color=color, linestyle="--", linewidth=1, alpha=0.7)
-            ax.plot([lr], [y], marker=marker, color=color, markersize=9 if key == "steepest" else 7,
-                    linestyle="none", label=f"{label}: {lr:.2e}")
+            ax.plot([lr], [y], marker=marker, color=color, markersize=10 if chosen else 7, linestyle="none",
+                    label=f"{label}{' (suggestion)' if chosen else ''}: {lr:.2e}")
         low = float(min(np.min(smoothed), np.min(result.losses)))
         high = float(smoothed[0]) if len(smoothed) else low
         span = max(high - low, 0.05 * abs(low), 1e-8)

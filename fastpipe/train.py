@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from fastpipe import distributed as dist_utils
-from fastpipe.build import Runtime, build_loader, build_runtime, build_training, schedule_training
+from fastpipe.build import (
+    Runtime,
+    build_loader,
+    build_runtime,
+    build_training,
+    resolve_stem,
+    schedule_training,
+)
 from fastpipe.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -30,7 +37,7 @@ from fastpipe.checkpoint import (
 from fastpipe.config import Config, ConfigError, argument_parser, load_config, to_toml
 from fastpipe.data.beton import BetonError
 from fastpipe.data_wait import DataWait
-from fastpipe.model import set_train_mode, summarize
+from fastpipe.model import set_train_mode, stem_of, summarize
 from fastpipe.optim import continue_schedule, plan_epochs, rescale_lr
 from fastpipe.runtime import StopRequest, TrainingError
 
@@ -58,14 +65,18 @@ class Trainer:
             resolved = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(self.run_dir)))
             (self.run_dir / "config.toml").write_text(to_toml(resolved))
         self.report = RunReport(self.run_dir, self.classes, enabled=self.main, resume=resume)
-        training = build_training(config, len(self.classes), self.runtime,
-                                  init_from=None if resume else init_from, log=self.report.log)
+        # a resumed run keeps the stem its weights have, whatever "auto" would pick now
+        self.stem, self.stem_reason = ((stem_of(state), "the resumed checkpoint's")
+                                       if state is not None else resolve_stem(config))
+        training = build_training(config, len(self.classes), self.runtime, init_from=None if resume else init_from,
+                                  stem=self.stem, log=self.report.log)
         self.training = training
         self.model, self.train_model = training.model, training.train_model
         self.optimizer, self.compile_counter = training.optimizer, training.compile_counter
         if self.main:
             text, self.flops = summarize(self.model, self.plans[0].resolution, device=self.device)
-            (self.run_dir / "model_summary.txt").write_text(f"{config.model.arch}, {len(self.classes)} classes\n\n"
+            (self.run_dir / "model_summary.txt").write_text(f"{config.model.arch} (width {config.model.width}, "
+                                                            f"{self.stem} stem), {len(self.classes)} classes\n\n"
                                                             f"{text}\n")
         self.stop = StopRequest()
         self.start_epoch, self.skip_steps = 0, 0
@@ -110,6 +121,9 @@ class Trainer:
         log(f"run {self.run_dir} | {config.model.arch} on {self.device} ({self.precision.name}), "
             f"{self.train_loader.num_samples} train images, {len(self.classes)} classes, "
             f"{config.schedule.epochs} epochs, peak lr {self.peak_lr:.4g}, compile {self.compile_counter is not None}")
+        log(f"model: {self.stem} stem ({self.stem_reason}), width {config.model.width}")
+        for key, value, why in config.size_defaults:
+            log(f"small-image default: {key} = {value} ({why}; set {key} to choose another)")
         self.stop.install()
         self.started, status = time.perf_counter(), "finished"
         try:
@@ -258,8 +272,9 @@ class Trainer:
         if suggestion is None:
             raise TrainingError(f"The LR finder could not suggest a learning rate ({result.reason}); set "
                                 f"optim.lr to a number.")
-        self.report.log(f"LR finder: {result.reason}; suggestion {suggestion:.3g} (min-loss/10 "
-                        f"{result.min_loss_div10 or float('nan'):.3g}, valley {result.valley or float('nan'):.3g}); "
+        others = ", ".join(f"{name} {value or float('nan'):.3g}" for name, value in result.suggestions().items()
+                           if name != result.rule)
+        self.report.log(f"LR finder: {result.reason}; suggestion {suggestion:.3g} ({result.rule}; {others}); "
                         f"see {self.run_dir / 'lr_finder.png'}")
         self.train_loader.set_epoch(0)
         # the sweep ran at the first stage's batch; peak_lr is defined for data.batch_size on one process
@@ -272,7 +287,7 @@ class Trainer:
         save_checkpoint(self.run_dir / name, training_state(
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
             completed=completed, step=step, global_step=self.global_step, config=self.config.to_dict(),
-            classes=self.classes, peak_lr=self.peak_lr, lr_scale=self.lr_scale, best_top1=self.best_top1,
+            classes=self.classes, stem=self.stem, peak_lr=self.peak_lr, lr_scale=self.lr_scale, best_top1=self.best_top1,
             epochs_since_best=self.epochs_since_best, wall_time_s=self.wall_time(), **extra))
 
     def load_state(self, state: dict) -> None:
@@ -319,6 +334,7 @@ class Trainer:
         if not self.main:
             return
         summary = {"status": status, "wall_time_s": self.wall_time(), "peak_lr": self.peak_lr, "arch": self.config.model.arch,
+                   "stem": self.stem, "width": self.config.model.width,
                    "backend": self.config.data.backend, "precision": self.precision.name,
                    "world_size": self.dist.world_size, "forward_gflops_per_image": self.flops / 1e9,
                    "graphs_compiled": getattr(self.compile_counter, "graphs", None)}
