@@ -100,7 +100,7 @@ def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from
     """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
     torchvision ResNet with the config's stem and width, BlurPool, optional fine-tune initialisation,
     freezing. `stem` (a checkpoint's) replaces the one the config resolves to."""
-    from fastpipe.checkpoint import CheckpointError, load_checkpoint
+    from fastpipe.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
     from fastpipe.model import apply_freeze, build_resnet, load_weights, stem_of
 
     stem = stem or resolve_stem(config)[0]
@@ -114,7 +114,7 @@ def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from
                 f"{source} was trained with model.stem=\"{stem_of(state)}\", but this run builds the \"{stem}\" "
                 f"stem ({resolve_stem(config)[1]}); their first layers differ, so its weights cannot start this "
                 f"model. Set --model.stem={stem_of(state)} to fine-tune from it, or train without --init-from.")
-        reset = load_weights(model, state["model"])
+        reset = load_weights(model, evaluation_weights(state))
         log(f"initialised from {init_from}; freshly initialised: {', '.join(reset) or 'none'}")
     apply_freeze(model, config.model.freeze)
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
@@ -156,11 +156,11 @@ def build_mix(config: Config, num_classes: int):
 
 
 def build_step(config: Config, runtime: Runtime, train_model: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler, num_classes: int, total_steps: int) -> TrainStep:
+               scheduler, num_classes: int, total_steps: int, ema=None) -> TrainStep:
     """The training step the trainer runs (and the benchmarks time)."""
     return TrainStep(train_model, optimizer, scheduler, build_criterion(config), runtime.precision,
                      mix=build_mix(config, num_classes), total_steps=total_steps,
-                     distributed=runtime.dist.enabled)
+                     distributed=runtime.dist.enabled, ema=ema)
 
 
 @dataclass
@@ -170,6 +170,7 @@ class Training:
     train_model: nn.Module
     compile_counter: object
     optimizer: torch.optim.Optimizer
+    ema: object = None                  # fastpipe.ema.WeightAverage when model.ema_decay > 0
     scheduler: object = None
     step: TrainStep | None = None
 
@@ -182,7 +183,12 @@ def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_f
 
     model = build_model(config, num_classes, runtime, init_from=init_from, stem=stem, log=log)
     train_model, counter = wrap_for_training(model, config, runtime)
-    return Training(model, train_model, counter, build_optimizer(model, config))
+    ema = None
+    if config.model.ema_decay > 0:
+        from fastpipe.ema import WeightAverage
+
+        ema = WeightAverage(model, config.model.ema_decay)
+    return Training(model, train_model, counter, build_optimizer(model, config), ema)
 
 
 def schedule_training(training: Training, config: Config, runtime: Runtime, num_classes: int, peak_lr: float,
@@ -191,7 +197,7 @@ def schedule_training(training: Training, config: Config, runtime: Runtime, num_
 
     training.scheduler = build_scheduler(training.optimizer, config, peak_lr, total_steps)
     training.step = build_step(config, runtime, training.train_model, training.optimizer, training.scheduler,
-                               num_classes, total_steps)
+                               num_classes, total_steps, training.ema)
     return training
 
 

@@ -47,6 +47,12 @@ def training_state(*, model, optimizer, scheduler, scaler, epoch: int, completed
             "best_top1": best_top1, "epochs_since_best": epochs_since_best, **extra}
 
 
+def evaluation_weights(state: dict) -> dict:
+    """The weights to evaluate or fine-tune from: the EMA of the weights when they scored better at the
+    checkpoint's evaluation (model.ema_decay > 0), else the trained weights."""
+    return state["ema"] if state.get("eval_weights") == "ema" and "ema" in state else state["model"]
+
+
 def restore_training(state: dict, *, model, optimizer, scheduler, scaler, schedule: bool = True) -> None:
     """Load weights, optimizer, scaler and RNG streams from `training_state` output, and the schedule's
     position unless `schedule` is False (a run continued for another length keeps its new schedule)."""

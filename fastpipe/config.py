@@ -76,6 +76,7 @@ class ModelConfig:
     blurpool: bool = True                # anti-aliased strided convolutions
     freeze: Literal["none", "bn", "backbone"] = "none"   # bn: BatchNorm fixed; backbone: only the head trains
     zero_init_residual: bool = True      # each residual block starts as the identity
+    ema_decay: float = 0.0               # EMA of weights and BatchNorm statistics, evaluated beside them; 0 turns it off
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,7 @@ def validate(config: Config) -> None:
         (config.optim.lr == "auto" or config.optim.lr > 0, "optim.lr must be positive or \"auto\""),
         (config.eval.every >= 1, "eval.every must be at least 1"),
         (config.model.width >= 8 and config.model.width % 8 == 0, "model.width must be a multiple of 8"),
+        (0 <= config.model.ema_decay < 1, "model.ema_decay must be in [0, 1); 0 turns the average off"),
         (config.train.log_every >= 1, "train.log_every must be at least 1"),
     ]
     for ok, message in checks:

@@ -111,7 +111,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
     from fastpipe.build import build_loader, build_model, build_runtime
-    from fastpipe.checkpoint import CheckpointError, load_checkpoint
+    from fastpipe.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
     from fastpipe.class_report import eval_summary
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import write_json_atomic
@@ -130,7 +130,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     runtime = build_runtime(config)
     model = build_model(config, len(classes), runtime, stem=stem_of(state))   # the stem the weights were trained with
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(evaluation_weights(state))
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.width="
                               f"{config.model.width}, model.blurpool={config.model.blurpool}: "
@@ -145,6 +145,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     out_dir = out_dir or run_dir / f"eval-{path.stem}"
     files = write_class_report(out_dir, result, classes)
     summary = {"checkpoint": str(path), "epoch": int(state["epoch"]) + 1, **eval_summary(result, classes),
+               "weights": state.get("eval_weights", "raw"),
                "backend": data.backend, "resolution": config.resolution.val, "flip_tta": config.eval.flip_tta,
                "precision": precision.name, "files": {k: str(v) for k, v in files.items()},
                "environment": environment()}

@@ -268,10 +268,11 @@ def _epoch_line(row: dict) -> str:
              " ".join(filter(None, ["train", fmt("train_loss", "loss {:.4f}"), fmt("train_top1", "top-1 {:.1%}")])),
              " ".join(filter(None, ["val", fmt("val_loss", "loss {:.4f}"), fmt("val_top1", "top-1 {:.1%}"),
                                     fmt("val_top5", "top-5 {:.1%}")])),
+             " ".join(filter(None, ["weights", fmt("raw_val_top1", "raw {:.1%}"), fmt("ema_val_top1", "ema {:.1%}")])),
              fmt("lr", "lr {:.3g}"), fmt("momentum", "mom {:.3f}"), fmt("resolution", "{:.0f}px"),
              fmt("batch_size", "batch {:.0f}"), fmt("images_per_second", "{:,.0f} img/s"),
              fmt("epoch_time_s", "{:.1f} s"), fmt("data_wait_pct", "data wait {:.1f}%")]
-    return " | ".join(p for p in parts if p and p not in ("train", "val"))
+    return " | ".join(p for p in parts if p and p not in ("train", "val", "weights"))
 
 
 def _markdown_cell(value, fmt: str) -> str:

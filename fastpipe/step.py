@@ -30,8 +30,9 @@ class TrainStep:
     """`step(images, labels)` runs one optimizer step; `read()` returns the counters (one host read)."""
 
     def __init__(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, criterion,
-                 precision, *, mix=None, total_steps: int, distributed: bool = False):
+                 precision, *, mix=None, total_steps: int, distributed: bool = False, ema=None):
         self.train_model, self.optimizer, self.scheduler = train_model, optimizer, scheduler
+        self.ema = ema   # fastpipe.ema.WeightAverage, updated after every optimizer step
         self.criterion, self.precision, self.mix = criterion, precision, mix
         self.scaler = precision.scaler
         self.total_steps, self.distributed = total_steps, distributed
@@ -83,6 +84,8 @@ class TrainStep:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
+        if self.ema is not None:
+            self.ema.update()
         self.global_step += 1
         if self.global_step < self.total_steps:
             self.scheduler.step()

@@ -71,7 +71,7 @@ class Trainer:
         training = build_training(config, len(self.classes), self.runtime, init_from=None if resume else init_from,
                                   stem=self.stem, log=self.report.log)
         self.training = training
-        self.model, self.train_model = training.model, training.train_model
+        self.model, self.train_model, self.ema = training.model, training.train_model, training.ema
         self.optimizer, self.compile_counter = training.optimizer, training.compile_counter
         if self.main:
             text, self.flops = summarize(self.model, self.plans[0].resolution, device=self.device)
@@ -83,6 +83,7 @@ class Trainer:
         self.wall_before, self.started = 0.0, time.perf_counter()
         self.best_top1, self.epochs_since_best = -1.0, 0
         self.last_eval = None
+        self.eval_weights, self.eval_scores = "raw", {}   # which weights scored better at the last evaluation
         if state is not None:
             self.peak_lr = float(state["peak_lr"])
         else:
@@ -121,7 +122,9 @@ class Trainer:
         log(f"run {self.run_dir} | {config.model.arch} on {self.device} ({self.precision.name}), "
             f"{self.train_loader.num_samples} train images, {len(self.classes)} classes, "
             f"{config.schedule.epochs} epochs, peak lr {self.peak_lr:.4g}, compile {self.compile_counter is not None}")
-        log(f"model: {self.stem} stem ({self.stem_reason}), width {config.model.width}")
+        log(f"model: {self.stem} stem ({self.stem_reason}), width {config.model.width}, "
+            + (f"EMA of weights (decay {config.model.ema_decay:g}) evaluated beside them" if self.ema is not None
+               else "no EMA of weights"))
         for key, value, why in config.size_defaults:
             log(f"small-image default: {key} = {value} ({why}; set {key} to choose another)")
         self.stop.install()
@@ -135,6 +138,7 @@ class Trainer:
                 if self.main and (last or (plan.epoch + 1) % config.eval.every == 0):
                     self.last_eval = self.evaluate()
                     metrics.update(self.last_eval.metrics())
+                    metrics.update(self.eval_scores)
                 improved = metrics.get("val_top1", -1.0) > self.best_top1
                 if improved:
                     self.best_top1, self.epochs_since_best = metrics["val_top1"], 0
@@ -253,10 +257,22 @@ class Trainer:
             f"holds the weights from before step {first + 1} (BatchNorm statistics from the log point before it).")
 
     def evaluate(self):
+        """The raw weights' evaluation, or with model.ema_decay > 0 the better of the raw and the averaged
+        weights' (by top-1; `eval_weights` says which, `eval_scores` holds both top-1s for metrics.csv)."""
         from fastpipe.evaluate import evaluate
 
-        return evaluate(self.model, self.val_loader, criterion=F.cross_entropy, autocast=self.precision.autocast,
-                        flip_tta=self.config.eval.flip_tta, classes=self.classes)
+        def run(model):
+            return evaluate(model, self.val_loader, criterion=F.cross_entropy, autocast=self.precision.autocast,
+                            flip_tta=self.config.eval.flip_tta, classes=self.classes)
+
+        raw = run(self.model)
+        if self.ema is None:
+            return raw
+        averaged = run(self.ema.module)
+        self.eval_weights = "ema" if averaged.top1 > raw.top1 else "raw"
+        self.eval_scores = {"raw_val_top1": raw.top1, "ema_val_top1": averaged.top1,
+                            "ema_chosen": float(self.eval_weights == "ema")}
+        return averaged if self.eval_weights == "ema" else raw
 
     def find_lr(self) -> float:
         """optim.lr = "auto": an LR range test at the first epoch's resolution; its suggestion is the peak."""
@@ -288,7 +304,8 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, epoch=epoch,
             completed=completed, step=step, global_step=self.global_step, config=self.config.to_dict(),
             classes=self.classes, stem=self.stem, peak_lr=self.peak_lr, lr_scale=self.lr_scale, best_top1=self.best_top1,
-            epochs_since_best=self.epochs_since_best, wall_time_s=self.wall_time(), **extra))
+            epochs_since_best=self.epochs_since_best, wall_time_s=self.wall_time(), eval_weights=self.eval_weights,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}), **extra))
 
     def load_state(self, state: dict) -> None:
         """Continue a run: weights, optimizer, schedule position, scaler, RNG streams and counters."""
@@ -297,6 +314,9 @@ class Trainer:
         planned = int(state["scheduler"]["total_steps"])
         restore_training(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                          scaler=self.scaler, schedule=planned == self.total_steps)
+        if self.ema is not None:   # a run that had no average starts one from its current weights
+            self.ema.load_state_dict(state.get("ema") or self.model.state_dict())
+        self.eval_weights = state.get("eval_weights", "raw")
         self.step.global_step, self.lr_scale = int(state["global_step"]), float(state["lr_scale"])
         self.best_top1, self.epochs_since_best = float(state["best_top1"]), int(state["epochs_since_best"])
         self.wall_before = float(state.get("wall_time_s", 0.0))

@@ -1,0 +1,45 @@
+"""An exponential moving average (EMA) of a model's weights and BatchNorm statistics (model.ema_decay).
+
+torch's `AveragedModel` holds the averaged copy and `get_ema_multi_avg_fn` does the averaging. The update
+goes straight to that function on tensor lists built once, because `AveragedModel.update_parameters` reads
+its step counter on the host at every call, and the trainer's step never waits on the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class WeightAverage:
+    """`update()` after each optimizer step; `module` is the averaged model to evaluate or save."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"model.ema_decay must be in (0, 1) (0 turns the average off), got {decay}.")
+        self.decay = decay
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.n_averaged.fill_(1)   # the copy holds the model's weights: the first average
+        pairs = list(zip([*self.averaged.module.parameters(), *self.averaged.module.buffers()],
+                         [*model.parameters(), *model.buffers()]))
+        self.floats = ([a for a, m in pairs if a.is_floating_point()], [m for a, m in pairs if a.is_floating_point()])
+        # integer buffers (BatchNorm's num_batches_tracked) are counts, not something to average
+        self.counts = ([a for a, m in pairs if not a.is_floating_point()], [m for a, m in pairs if not a.is_floating_point()])
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.floats[0]:
+            self.averaged.multi_avg_fn(*self.floats, None)
+        if self.counts[0]:
+            torch._foreach_copy_(*self.counts)
+
+    def state_dict(self) -> dict:
+        """The averaged weights, under the same names as the model's (a checkpoint's "ema")."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
