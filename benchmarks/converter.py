@@ -24,7 +24,8 @@ THROUGHPUT_COLUMNS = {"workers": "workers", "images": "images", "seconds": "seco
                       "speedup": "x 1 worker", "cpu_util_pct": "CPU % of all cores"}
 STORAGE_COLUMNS = {"write_mode": "write mode", "max_resolution": "max res", "size_mb": "train MB",
                    "kb_per_image": "KB/img", "convert_img_per_s": "convert img/s",
-                   "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch"}
+                   "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch",
+                   "stock_img_per_s": "FFCV stock img/s", "stock_ratio_to_torch": "stock x torch"}
 MEMORY_COLUMNS = {"images": "images", "seconds": "seconds", "max_process_rss_mb": "max process RSS MB",
                   "tree_pss_mb": "tree PSS MB"}
 
@@ -96,13 +97,13 @@ def throughput_rows(source, work: Path, workers: int) -> list[dict]:
     return rows
 
 
-def loader_img_per_s(backend: str, data: Path, args, warmup_batches: int = 4) -> float:
+def loader_img_per_s(backend: str, data: Path, args, warmup_batches: int = 4, **options) -> float:
     """Steady-state img/s of a train loader over `args.batches` batches (crossing epochs as needed),
     after `warmup_batches` untimed ones (FFCV compiles its pipeline on the first)."""
     from fastpipe.data import build_loader
 
     loader = build_loader(backend, data=data, split="train", batch_size=args.batch_size,
-                          resolution=args.loader_res, workers=args.loader_workers, device="cpu")
+                          resolution=args.loader_res, workers=args.loader_workers, device="cpu", **options)
     seen, images, start, epoch = 0, 0, 0.0, 0
     while True:
         loader.set_epoch(epoch)
@@ -131,10 +132,12 @@ def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict]
                    "size_mb": train["size_bytes"] / 2**20, "kb_per_image": train["size_bytes"] / 1024 / train["written"],
                    "convert_img_per_s": (train["written"] + manifest["splits"]["val"]["written"]) / seconds}
             try:
-                row["loader_img_per_s"] = loader_img_per_s("ffcv", out, args)
                 if torch_img_per_s is None:
                     torch_img_per_s = loader_img_per_s("torch", out, args)
+                row["stock_img_per_s"] = loader_img_per_s("ffcv", out, args, decoder="stock")
+                row["loader_img_per_s"] = loader_img_per_s("ffcv", out, args)   # the crop decoder when built
                 row["ratio_to_torch"] = row["loader_img_per_s"] / torch_img_per_s
+                row["stock_ratio_to_torch"] = row["stock_img_per_s"] / torch_img_per_s
             except Exception as err:  # noqa: BLE001 - a loader that cannot run here leaves its columns empty
                 console.print(f"loader measurement failed for {mode}@{resolution}: {err}")
             rows.append(row)
