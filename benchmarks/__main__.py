@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),
     "gpu": ("benchmarks.gpu", "the GPU run in one command: preflight, gpu tests, loaders, training, graphs"),
     "lr-sweep": ("benchmarks.lr_sweep", "lr=auto against a sweep of fixed peak LRs on the small-image sets"),
+    "quality": ("benchmarks.quality", "val top-1 and wall time of the recipes on the small-image sets"),
 }
 CONVERTER = "benchmarks.converter"
 

@@ -1,6 +1,7 @@
 """`python -m benchmarks lr-sweep`: how good is optim.lr = "auto"? For each small-image data set, one full
 short training per fixed peak LR (6 over 2 decades) and one with lr = "auto"; every suggestion rule of the LR
-finder is read from the auto run's sweep and compared with the best fixed LR.
+finder is read from the auto run's sweep and compared with the best fixed LR (highest val top-1; among equal
+top-1s, the lowest val loss).
 
 Writes results.json, results.csv, results.md and lr_sweep.png to --out. Finished runs are kept and skipped,
 so the command can be stopped and started again (or run one --sets at a time).
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.small_sets import SETS, prepare
+from benchmarks.small_sets import SETS, prepare, train_once
 
 ACCEPTS_CONFIG_OVERRIDES = True
 DEFAULT_LRS = tuple(float(f"{lr:.3g}") for lr in np.logspace(np.log10(0.02), np.log10(2.0), 6))
@@ -28,19 +29,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/lr-sweep", help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny synthetic set, 2 LRs, 1 epoch: checks the command, measures nothing")
-
-
-def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[str]) -> dict:
-    """One training run (skipped when run_dir already holds its summary); returns summary.json."""
-    from fastpipe.config import load_config
-    from fastpipe.train import Trainer
-
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
-        if Trainer(config, run_dir).fit() != 0:
-            raise RuntimeError(f"training in {run_dir} failed")
-    return json.loads(summary.read_text())
 
 
 def rule_suggestions(run_dir: Path, steps: int, lr_scale: float) -> dict[str, float | None]:
@@ -65,18 +53,20 @@ def sweep_set(name: str, args, lrs: list[float], overrides: list[str]) -> dict:
     for lr in lrs:
         started = time.perf_counter()
         summary = train_once(args.config, betons, runs / f"lr-{lr:g}", [*common, f"--optim.lr={lr}"])
-        fixed.append({"lr": lr, "top1": summary["final_val_top1"], "wall_s": summary["wall_time_s"],
-                      "seconds": time.perf_counter() - started})
+        fixed.append({"lr": lr, "top1": summary["final_val_top1"], "loss": summary["final_val_loss"],
+                      "wall_s": summary["wall_time_s"], "seconds": time.perf_counter() - started})
         print(f"{name}: lr {lr:g} -> val top-1 {summary['final_val_top1']:.4f}", flush=True)
     auto = train_once(args.config, betons, runs / "lr-auto", [*common, "--optim.lr=auto"])
     config = load_config(args.config, [f"--data.path={betons}", *common])
     # the sweep ran at the first epoch's batch size; optim.lr is for data.batch_size (one process)
     lr_scale = config.schedule_for_resolution().batch_size_at(0) / config.data.batch_size
     suggestions = rule_suggestions(runs / "lr-auto", config.lr_finder.steps, lr_scale)
-    best = max(fixed, key=lambda row: row["top1"])
+    best = max(fixed, key=lambda row: (row["top1"], -row["loss"]))   # ties (an easy set): the lower val loss
     print(f"{name}: lr auto ({auto['peak_lr']:.3g}) -> val top-1 {auto['final_val_top1']:.4f}; best fixed lr "
           f"{best['lr']:g} ({best['top1']:.4f})", flush=True)
+    tied = [row["lr"] for row in fixed if row["top1"] == best["top1"]]
     return {"set": name, "fixed": fixed, "best_lr": best["lr"], "best_top1": best["top1"],
+            "best_range": [min(tied), max(tied)],
             "auto_lr": auto["peak_lr"], "auto_top1": auto["final_val_top1"], "auto_wall_s": auto["wall_time_s"],
             "rules": suggestions, "rule": _rule(), "train_images": _train_images(betons)}
 
@@ -93,16 +83,29 @@ def _train_images(betons: Path) -> int:
     return int(read_manifest(betons)["splits"]["train"]["written"])
 
 
+def within_2x(lr: float | None, row: dict) -> bool:
+    """Whether `lr` lies within 2x of an LR that reached the best top-1 (several may tie on an easy set)."""
+    low, high = row.get("best_range", [row["best_lr"]] * 2)
+    return lr is not None and low / 2 <= lr <= high * 2
+
+
 def markdown(results: list[dict], lrs: list[float]) -> str:
-    header = ["set", "train images", *[f"lr {lr:g}" for lr in lrs], "best lr", "lr=auto (top-1)",
+    """Val top-1 per fixed LR; then each suggestion as a multiple of the best LR, marked ok when within 2x
+    of an LR with the best top-1."""
+    header = ["set", "train images", *[f"lr {lr:g}" for lr in lrs], "best lr (ties)", "lr=auto (top-1)",
               "auto / best"] + [f"{rule} / best" for rule in results[0]["rules"]] if results else []
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in results:
         by_lr = {item["lr"]: item["top1"] for item in row["fixed"]}
+        low, high = row.get("best_range", [row["best_lr"]] * 2)
+        ties = f" ({low:g}-{high:g})" if low != high else ""
+
+        def ratio(lr, row=row):
+            return "-" if lr is None else f"{lr / row['best_lr']:.2f}x{' ok' if within_2x(lr, row) else ''}"
+
         cells = [row["set"], f"{row['train_images']:,}", *[f"{by_lr[lr]:.3f}" if lr in by_lr else "-" for lr in lrs],
-                 f"{row['best_lr']:g}", f"{row['auto_lr']:.3g} ({row['auto_top1']:.3f})",
-                 f"{row['auto_lr'] / row['best_lr']:.2f}x"]
-        cells += ["-" if lr is None else f"{lr / row['best_lr']:.2f}x" for lr in row["rules"].values()]
+                 f"{row['best_lr']:g}{ties}", f"{row['auto_lr']:.3g} ({row['auto_top1']:.3f})", ratio(row["auto_lr"])]
+        cells += [ratio(lr) for lr in row["rules"].values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -111,7 +114,8 @@ def plot(results: list[dict], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * max(len(results), 1), 3.8), dpi=110, layout="constrained")
-    colors = {"steepest": "tab:red", "min_loss_div10": "tab:green", "valley": "tab:orange"}
+    colors = {"edge": "black", "steepest": "tab:red", "min_loss_div10": "tab:green", "valley": "tab:orange", "min_loss": "tab:purple",
+              "min_loss_div2": "tab:brown"}
     for index, row in enumerate(results):
         ax = fig.add_subplot(1, len(results), index + 1)
         ax.plot([item["lr"] for item in row["fixed"]], [item["top1"] for item in row["fixed"]], "o-",

@@ -8,6 +8,7 @@ converted with `python -m convert folder`:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -110,3 +111,17 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
                 "--workers", str(workers or os.cpu_count() or 1)]) != 0:
         raise RuntimeError(f"`python -m convert folder {images}` failed")
     return betons
+
+
+def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[str]) -> dict:
+    """One training run with `python -m fastpipe.train`'s Trainer (skipped when run_dir already holds its
+    summary, so a benchmark stopped part-way continues); returns its summary.json."""
+    from fastpipe.config import load_config
+    from fastpipe.train import Trainer
+
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
+        if Trainer(config, run_dir).fit() != 0:
+            raise RuntimeError(f"training in {run_dir} failed")
+    return json.loads(summary.read_text())

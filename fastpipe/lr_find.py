@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                "optim_lr": None if result.suggestion is None else result.suggestion / lr_scale}
     (out_dir / "lr_finder.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"LR range test: {result.reason}")
-    for name, label in (("steepest", "steepest descent"), ("min_loss_div10", "min loss / 10"), ("valley", "valley")):
+    for name, label in (("edge", "edge of the valley"), ("steepest", "steepest descent"), ("min_loss_div10", "min loss / 10"), ("valley", "valley"),
+                        ("min_loss", "min loss"), ("min_loss_div2", "min loss / 2")):
         value = suggestions[name]
         label += " (suggestion)" if name == result.rule else ""
         print(f"  {label:<30} {'-' if value is None else f'{value:.3g}'}")

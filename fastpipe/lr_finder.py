@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 SKIP_END = 5  # the last few points of a sweep are the blow-up, not the slope we want
-RULES = ("steepest", "min_loss_div10", "valley")
-SUGGESTION_RULE = "steepest"   # chosen by `python -m benchmarks lr-sweep`: see README, "Choosing the LR"
+RULES = ("edge", "steepest", "min_loss_div10", "valley", "min_loss", "min_loss_div2")
+SUGGESTION_RULE = "edge"   # chosen by `python -m benchmarks lr-sweep`: see README, "Small images"
+EDGE_RISE = 0.1   # "edge": where the loss has climbed back this share of its drop
 
 
 @dataclass
@@ -35,7 +36,9 @@ class LRFinderResult:
     valley: float | None  # fastai's "valley": inside the longest descending stretch
     stopped_early: bool
     reason: str
-    rule: str = SUGGESTION_RULE  # which of the three is `suggestion`
+    rule: str = SUGGESTION_RULE  # which rule's LR is `suggestion`
+    min_loss: float | None = None  # LR at the smoothed minimum
+    edge: float | None = None  # where the smoothed loss, past its minimum, turns back up (EDGE_RISE of its drop)
     csv_path: Path | None = None
     png_path: Path | None = None
     indices: dict[str, int] = field(default_factory=dict)  # where each suggestion sits in `lrs`
@@ -46,7 +49,8 @@ class LRFinderResult:
         return self.suggestions()[self.rule]
 
     def suggestions(self) -> dict[str, float | None]:
-        return {"steepest": self.steepest, "min_loss_div10": self.min_loss_div10, "valley": self.valley}
+        return {"edge": self.edge, "steepest": self.steepest, "min_loss_div10": self.min_loss_div10, "valley": self.valley,
+                "min_loss": self.min_loss, "min_loss_div2": None if self.min_loss is None else self.min_loss / 2}
 
 
 def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
@@ -214,7 +218,7 @@ def _restore(saved: dict, model, optimizer, scaler) -> None:
 
 
 def _suggest(result: LRFinderResult, skip_start: int) -> None:
-    """Fill the three suggestions from the smoothed curve, trimmed of its noisy start and blow-up end."""
+    """Fill the suggestions from the smoothed curve, trimmed of its noisy start and blow-up end."""
     smoothed = np.asarray(result.smoothed, dtype=np.float64)
     lrs = np.asarray(result.lrs, dtype=np.float64)
     if len(smoothed) < 3:
@@ -224,13 +228,34 @@ def _suggest(result: LRFinderResult, skip_start: int) -> None:
         start, end = 0, len(smoothed)
     window, window_lrs = smoothed[start:end], lrs[start:end]
 
-    steepest = int(np.argmin(np.gradient(window, np.log10(window_lrs))))
     lowest = int(np.argmin(window))
+    # the descent into the minimum: a recovery after a spike past it is steep too, but not a usable LR
+    descent = window[:lowest + 1] if lowest >= 2 else window
+    steepest = int(np.argmin(np.gradient(descent, np.log10(window_lrs[:len(descent)]))))
     valley = _valley_index(window)
     result.steepest = float(window_lrs[steepest])
+    result.min_loss = float(window_lrs[lowest])
     result.min_loss_div10 = float(window_lrs[lowest] / 10)
     result.valley = float(window_lrs[valley])
-    result.indices = {"steepest": start + steepest, "min_loss": start + lowest, "valley": start + valley}
+    edge = _edge_index(smoothed, skip_start)
+    edge = start + lowest if edge is None else edge
+    result.edge = float(lrs[edge])
+    result.indices = {"steepest": start + steepest, "min_loss": start + lowest, "valley": start + valley, "edge": edge}
+
+
+def _edge_index(smoothed: np.ndarray, skip_start: int) -> int | None:
+    """The first point where the smoothed loss, after falling by at least 5% from its start, climbs back
+    EDGE_RISE of the way from its lowest point so far toward that start: the largest LR the short sweep
+    still trains at. None when it never turns up. One-cycle training warms up to its peak, so its best
+    peak LR lies near this edge of the valley floor rather than on the descent before it."""
+    begin = max(1, skip_start)
+    start_level, lowest = float(np.mean(smoothed[:begin])), np.inf
+    for index in range(begin, len(smoothed)):
+        lowest = min(lowest, smoothed[index])
+        drop = start_level - lowest
+        if drop > 0.05 * abs(start_level) and smoothed[index] > lowest + EDGE_RISE * drop:
+            return index
+    return None
 
 
 def _valley_index(losses: np.ndarray) -> int:
@@ -267,9 +292,12 @@ def plot(result: LRFinderResult, path: Path) -> Path:
     if len(lrs):
         ax.plot(lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
         ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
-        markers = [("steepest", result.steepest, "tab:red", "o", "steepest"),
+        markers = [("edge", result.edge, "tab:blue", "P", "edge"),
+                   ("steepest", result.steepest, "tab:red", "o", "steepest"),
                    ("min_loss_div10", result.min_loss_div10, "tab:green", "s", "min loss / 10"),
-                   ("valley", result.valley, "tab:orange", "^", "valley")]
+                   ("valley", result.valley, "tab:orange", "^", "valley"),
+                   ("min_loss", result.min_loss, "tab:purple", "D", "min loss"),
+                   ("min_loss_div2", result.suggestions()["min_loss_div2"], "tab:brown", "v", "min loss / 2")]
         for key, lr, color, marker, label in markers:
             if lr is None:
                 continue

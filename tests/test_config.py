@@ -74,7 +74,7 @@ def test_to_toml_round_trips_to_an_equal_config():
     assert config.schedule_for_resolution().batch_size_at(0) == 8
 
 
-@pytest.mark.parametrize("name", ["r50.toml", "r18.toml", "cpu-smoke.toml"])
+@pytest.mark.parametrize("name", ["r50.toml", "r18.toml", "cpu-smoke.toml", "small.toml"])
 def test_shipped_configs_list_only_what_differs_from_the_defaults(name):
     defaults = Config().to_dict()
     listed = tomllib.loads((CONFIG_DIR / name).read_text())

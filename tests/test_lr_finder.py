@@ -128,11 +128,16 @@ def test_suggestion_lies_in_the_range_where_training_works(momentum):
     data = batches_of(inputs, labels)
 
     def final_loss(lr: float) -> float:
+        # the suggestion is OneCycleLR's max_lr: train the way the trainer does, warm-up and annealing
         model = mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=2 * len(data),
+                                                       pct_start=0.125, cycle_momentum=momentum > 0,
+                                                       base_momentum=0.85 * momentum, max_momentum=momentum)
         for _ in range(2):
             for batch in data:
                 train_step(model, optimizer, batch)
+                schedule.step()
         with torch.no_grad():
             loss = torch.nn.functional.cross_entropy(model(inputs), labels).item()
         return loss if np.isfinite(loss) else np.inf
@@ -150,7 +155,8 @@ def test_suggestion_lies_in_the_range_where_training_works(momentum):
     assert result.stopped_early and "exceeded 4x" in result.reason  # large LRs blow this problem up
     assert len(result.lrs) < 100
     assert result.lrs == sorted(result.lrs) and result.lrs[0] == pytest.approx(1e-4)
-    for lr in (result.min_loss_div10, result.valley):
+    assert result.rule == "edge" and result.suggestion == result.edge
+    for lr in result.suggestions().values():
         assert result.lrs[0] <= lr <= result.lrs[-1]
 
 
@@ -211,13 +217,13 @@ def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys
                  "--lr_finder.steps=6", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "steepest descent" in printed and "--optim.lr=" in printed
+    assert "edge of the valley (suggestion)" in printed and "--optim.lr=" in printed
     command = next(line for line in printed.splitlines() if line.startswith("Train with it:"))
     assert f"--data.path={betons}" in command and "--lr_finder.steps" not in command   # same data, new LR
     table = pd.read_csv(out / "lr_finder.csv")
     assert len(table) == 6
     summary = pd.read_json(out / "lr_finder.json", typ="series")
-    assert table["lr"].min() <= summary["steepest"] <= table["lr"].max()
+    assert table["lr"].min() <= summary["edge"] <= table["lr"].max() and summary["rule"] == "edge"
     assert (out / "lr_finder.png").stat().st_size > 1000
     assert main(["--config", "cpu-smoke.toml", "--optim.lrr=1"]) == 2  # config errors name the key
     assert "optim.lr" in capsys.readouterr().err

@@ -107,3 +107,17 @@ def test_lr_finder_suggestion_sits_at_the_true_steepest_point_without_lag():
         lagged.append(average / (1 - 0.98 ** (step + 1)))
     old_steepest = lrs[10:-5][np.argmin(np.gradient(np.array(lagged)[10:-5], x[10:-5]))]
     assert not 0.1 / 2 <= old_steepest <= 0.1 * 2
+
+
+def test_lr_finder_suggests_the_edge_where_the_loss_turns_back_up_through_the_noise():
+    steps = 100
+    lrs = np.logspace(-5, 1, steps)
+    x = np.log10(lrs)
+    clean = 2.3 - 2.0 / (1 + np.exp(-(x + 2) * 4)) + np.exp(3 * (x - 0.3))   # floor from ~1e-2, rising past ~0.3
+    drop = clean[:10].mean() - clean.min()
+    expected = lrs[np.argmax((clean > clean.min() + 0.1 * drop) & (x > x[np.argmin(clean)]))]
+    noisy = clean + np.random.default_rng(1).normal(0, 0.03, steps)
+    result = read_curve(lrs.tolist(), noisy.tolist(), steps=steps)
+    assert result.rule == "edge" and result.suggestion == result.edge
+    assert expected / 1.3 <= result.edge <= expected * 1.3
+    assert result.steepest < result.min_loss < result.edge   # the descent, the floor, then its edge
