@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from benchmarks.conftest import photo_like
+
 RESOLUTION = 160
 
 
@@ -51,3 +53,63 @@ def test_random_resized_crop_opencv_area(benchmark, decoded):
 
     out = benchmark(crop_resize)
     assert out.shape == (RESOLUTION, RESOLUTION, 3)
+
+
+# The three FFCV decode paths on the same bytes and the same random crops (160 px output), stored at
+# 256 and 512 px: FFCV's stock decoder (full decode, crop, INTER_AREA), the crop decoder, and the
+# ceiling of any full-decode design (full decode alone, no crop and no resize).
+@pytest.fixture(scope="module", params=[256, 512], ids=["stored256", "stored512"])
+def stored_jpegs(request):
+    from ffcv.fields.rgb_image import get_random_crop
+
+    rng = np.random.default_rng(request.param)
+    side, samples = request.param, []
+    for _ in range(16):
+        height = side if rng.random() < 0.5 else int(rng.integers(side * 0.6, side))
+        width = side if height < side else int(rng.integers(side * 0.6, side))
+        encoded = cv2.imencode(".jpg", photo_like(rng, height, width), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].reshape(-1)
+        np.random.seed(len(samples))
+        crop = get_random_crop(height, width, np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3]))
+        samples.append((encoded, height, width, crop))
+    return samples
+
+
+def test_ffcv_stock_decode_crop_resize(benchmark, stored_jpegs):
+    from ffcv.libffcv import imdecode, resize_crop
+
+    scratch = np.zeros(512 * 512 * 3, np.uint8)
+    out = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
+
+    def run():
+        for encoded, height, width, (top, left, crop_h, crop_w) in stored_jpegs:
+            imdecode(encoded, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+            pixels = scratch[:height * width * 3].reshape(height, width, 3)
+            resize_crop(pixels, top, top + crop_h, left, left + crop_w, out)
+
+    benchmark(run)
+
+
+def test_ffcv_full_decode_alone_ceiling(benchmark, stored_jpegs):
+    from ffcv.libffcv import imdecode
+
+    scratch = np.zeros(512 * 512 * 3, np.uint8)
+
+    def run():
+        for encoded, height, width, _ in stored_jpegs:
+            imdecode(encoded, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+
+    benchmark(run)
+
+
+def test_crop_decoder(benchmark, stored_jpegs):
+    from fastpipe.data import crop_decode
+
+    if not crop_decode.available():
+        pytest.skip(crop_decode.MISSING)
+    out = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
+
+    def run():
+        for encoded, height, width, (top, left, crop_h, crop_w) in stored_jpegs:
+            crop_decode.decode_crop(encoded, height, width, top, left, crop_h, crop_w, out, 0, crop_decode.MAX_DENOM)
+
+    benchmark(run)

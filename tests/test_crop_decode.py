@@ -133,17 +133,36 @@ def test_raw_crop_resize_takes_the_exact_window_and_mirrors():
         np.testing.assert_array_equal(out, pixels[top:top + crop_h, left:left + crop_w][:, ::-1])
 
 
-def test_resize_is_bilinear_under_two_x_and_area_beyond():
+def halve_then_bilinear(pixels: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The decoder's resize, written with cv2: 2x box averaging per axis while that axis shrinks 2x or more
+    (an odd last row or column dropped first), then bilinear. Returns the image and the window of
+    `pixels` it covers (the top-left rows x columns)."""
+    factor = [1, 1]
+    while pixels.shape[0] >= 2 * side or pixels.shape[1] >= 2 * side:
+        fy, fx = (2 if pixels.shape[0] >= 2 * side else 1), (2 if pixels.shape[1] >= 2 * side else 1)
+        even = pixels[:pixels.shape[0] // fy * fy, :pixels.shape[1] // fx * fx]
+        pixels = cv2.resize(even, (even.shape[1] // fx, even.shape[0] // fy), interpolation=cv2.INTER_AREA)
+        factor = [factor[0] * fy, factor[1] * fx]
+    window = (pixels.shape[0] * factor[0], pixels.shape[1] * factor[1])
+    return cv2.resize(pixels, (side, side), interpolation=cv2.INTER_LINEAR), window
+
+
+@pytest.mark.parametrize("side", [160, 100, 50])   # shrink 1.5x, 2.4x (one halving), 4.8x (two)
+def test_resize_halves_while_shrinking_two_x_then_goes_bilinear(side):
     rng = np.random.default_rng(7)
-    pixels = photo(rng, 240, 240)
-    for side, filter_ in ((160, cv2.INTER_LINEAR), (100, cv2.INTER_AREA)):
-        out = np.zeros((side, side, 3), dtype=np.uint8)
-        crop_decode.crop_resize(pixels, 0, 0, 240, 240, out, 0)
-        expected = cv2.resize(pixels, (side, side), interpolation=filter_)
-        other = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA + cv2.INTER_LINEAR - filter_)
-        error = np.abs(out.astype(int) - expected)
-        assert error.max() <= 1, side   # OpenCV builds may round a last bit differently
-        assert error.mean() < np.abs(out.astype(int) - other).mean() / 4, side
+    pixels = photo(rng, 240, 231)
+    out = np.zeros((side, side, 3), dtype=np.uint8)
+    crop_decode.crop_resize(pixels, 0, 0, 240, 231, out, 0)
+    expected, (rows, columns) = halve_then_bilinear(pixels, side)
+    assert np.abs(out.astype(int) - expected).max() <= 1, side   # OpenCV builds may round a last bit differently
+    assert 240 - rows < 4 and 231 - columns < 4   # the window shrinks by under one output pixel
+    # antialiased: close to an area resize of the same window, unlike plain bilinear past 2x
+    window = pixels[:rows, :columns]
+    area = cv2.resize(window, (side, side), interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(out.astype(int) - area).mean() < 2.5, side
+    if side < 120:
+        bilinear = cv2.resize(window, (side, side), interpolation=cv2.INTER_LINEAR).astype(int)
+        assert np.abs(bilinear - area).mean() > 2 * np.abs(out.astype(int) - area).mean(), side
 
 
 @pytest.mark.parametrize("denom", [2, 4, 8])

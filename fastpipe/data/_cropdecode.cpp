@@ -121,15 +121,26 @@ int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigne
     return region ? 1 : 2;
 }
 
-// Resize policy: bilinear while the shrink is under 2x (DCT scaling already low-passed the image),
-// area averaging beyond, where bilinear would alias.
-void resize_into(const cv::Mat& crop, uint8_t* destination, unsigned out_h, unsigned out_w, int flip) {
+// Resize policy: halve by 2x2 (or 2x1) box averaging while the shrink is 2x or more along an axis (OpenCV's
+// integer-factor area path: ~6x cheaper than INTER_AREA at a fractional factor), then bilinear for the
+// rest, which is under 2x (the box filter, like DCT scaling, already low-passed the image). An odd last
+// row or column is dropped before a halving: under one source pixel.
+thread_local cv::Mat halved[2];
+
+void resize_into(cv::Mat crop, uint8_t* destination, unsigned out_h, unsigned out_w, int flip) {
     cv::Mat out(static_cast<int>(out_h), static_cast<int>(out_w), CV_8UC3, destination);
+    for (int step = 0;; ++step) {
+        const int fx = crop.cols >= 2 * out.cols ? 2 : 1, fy = crop.rows >= 2 * out.rows ? 2 : 1;
+        if (fx == 1 && fy == 1) break;
+        const cv::Mat even = crop(cv::Rect(0, 0, crop.cols / fx * fx, crop.rows / fy * fy));
+        cv::Mat& target = halved[step % 2];
+        cv::resize(even, target, cv::Size(even.cols / fx, even.rows / fy), 0, 0, cv::INTER_AREA);
+        crop = target;
+    }
     if (crop.rows == out.rows && crop.cols == out.cols) {
         crop.copyTo(out);
     } else {
-        const bool large = crop.rows >= 2 * out.rows || crop.cols >= 2 * out.cols;
-        cv::resize(crop, out, out.size(), 0, 0, large ? cv::INTER_AREA : cv::INTER_LINEAR);
+        cv::resize(crop, out, out.size(), 0, 0, cv::INTER_LINEAR);
     }
     if (flip) cv::flip(out, out, 1);
 }
@@ -149,7 +160,8 @@ unsigned fp_scale_denom(unsigned crop_h, unsigned crop_w, unsigned out_h, unsign
 // Decodes the crop (top, left, crop_h, crop_w) of a JPEG stored at height x width, at the largest DCT
 // scale that keeps the crop at least out_h x out_w, resizes it into destination (out_h x out_w x 3),
 // mirrored when flip. With a DCT scale of 1/d the window is snapped inward to multiples of d (< d px
-// on each side). Returns d; a negative value when libjpeg rejects the file (destination zeroed).
+// on each side), and each 2x halving of the resize drops an odd last row or column: crops move by less
+// than an output pixel. Returns d; a negative value when libjpeg rejects the file (destination zeroed).
 int fp_decode_crop(const uint8_t* source, uint64_t size, unsigned height, unsigned width, unsigned top,
                    unsigned left, unsigned crop_h, unsigned crop_w, uint8_t* destination, unsigned out_h,
                    unsigned out_w, int flip, unsigned max_denom) {
