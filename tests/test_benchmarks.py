@@ -301,3 +301,22 @@ def test_autotune_tries_few_and_many_workers_first_so_a_short_budget_still_spans
     grid = loader_candidates("dali", "cuda", 16)
     assert {dict(setting)["hw_decoder_load"] for setting in grid} == {0.0, 0.5, 0.75}
     assert {1, 16} <= {dict(setting)["workers"] for setting in grid[:6]}
+
+
+def test_loader_rows_give_the_decoding_work_of_each_ffcv_decoder(betons):
+    from benchmarks.loaders import LoaderCase, measure_case, split_variant, whole_image_decoded_pixels
+    from fastpipe.data import crop_decode
+
+    if not crop_decode.available():
+        pytest.skip(crop_decode.MISSING)
+    rows = {name: measure_case(LoaderCase(name, 48, 1, 8), str(betons), "cpu", epochs=1, warmup=0)
+            for name in ("ffcv", "ffcv:stock")}
+    whole = whole_image_decoded_pixels(str(betons), "train", 48)
+    assert whole > 0   # the fixture's train split stores about half its samples as JPEG
+    assert rows["ffcv:stock"]["decoded_px_per_output_px"] == round(whole, 2)
+    assert rows["ffcv:stock"]["options"] == {"decoder": "stock"}
+    # crops cover 8-100% of an image: decoding only them is less work than decoding all of it
+    assert 0 < rows["ffcv"]["decoded_px_per_output_px"] < rows["ffcv:stock"]["decoded_px_per_output_px"]
+    assert split_variant("ffcv:crop") == ("ffcv", {"decoder": "crop"})
+    with pytest.raises(SystemExit, match="unknown backend variant"):
+        split_variant("torch:fast")
