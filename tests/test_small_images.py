@@ -77,7 +77,7 @@ def test_a_checkpoint_without_a_recorded_stem_is_read_from_its_first_convolution
 
 def test_small_image_defaults_apply_only_to_keys_nobody_set(tmp_path):
     small = load_config(None, ["--resolution.start=32", "--resolution.end=32"])
-    assert small.augment.min_scale == 0.35
+    assert small.augment.min_scale == 0.6
     assert [key for key, _, _ in small.size_defaults] == ["augment.min_scale"]
     assert "up to 32 px <= 64" in small.size_defaults[0][2] and "0.08" in small.size_defaults[0][2]
 
