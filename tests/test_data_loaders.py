@@ -170,9 +170,12 @@ def test_ffcv_and_dali_decode_the_same_val_pixels(request, directory, split):
     assert torch.equal(ffcv_labels, dali_labels)
     assert len(ffcv_labels) == read_manifest(data)["splits"][split]["written"]
     difference = (ffcv_images - dali_images).abs()
-    # same crop window; different resize kernels (OpenCV INTER_AREA vs DALI antialiased linear), so
-    # close, not equal: well under the ~20 levels that separate two different samples here
-    assert difference.mean() < 3 and difference.flatten(1).mean(1).max() < 6
+    # same crop window, different resize kernels (the crop decoder's bilinear under 2x shrink, box halving
+    # beyond, vs DALI's antialiased linear): close, not equal. Sharp synthetic edges make single images
+    # differ by up to ~12 levels, yet each FFCV image is still nearest to its own DALI image.
+    assert difference.mean() < 4
+    pairwise = torch.cdist(ffcv_images.flatten(1), dali_images.flatten(1), p=1)
+    assert torch.equal(pairwise.argmin(dim=1), torch.arange(len(ffcv_images)))
 
 
 def test_raw_pixel_samples_read_back_exactly(mixed_dir):
