@@ -152,7 +152,7 @@ def centred_smooth(values, sigma: float) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return values
-    half = min(int(3 * sigma), len(values) - 1)
+    half = min(int(3 * sigma), (len(values) - 1) // 2)   # np.convolve "same" keeps len(values) only if the kernel is no longer
     offsets = np.arange(-half, half + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     total = np.convolve(values, kernel, mode="same")
