@@ -33,8 +33,9 @@ LEGEND = [
      "(shared pages split between processes)"),
     "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
     "feed µs/img: DALI only, main-thread time spent handing each sample to the pipeline (timed epochs)",
-    ("decoded px/out px: JPEG pixels decoded per output pixel (raw samples decode none); ffcv's crop "
-     "decoder counts what it decoded, whole-image decoders the stored size of every JPEG sample"),
+    ("decoded px/out px: pixels decoded per output pixel; ffcv's crop decoder counts what it decoded, "
+     "ffcv:stock and dali the stored size of every JPEG sample (raw samples decode none), torch the size "
+     "of every original file"),
     "ffcv:stock is FFCV's own decoder (full decode, INTER_AREA); ffcv is the crop decoder when built",
     "each row runs in its own fresh process unless --no-isolate was given (see settings)",
 ]
@@ -73,10 +74,22 @@ def split_variant(name: str) -> tuple[str, dict]:
     return backend, {VARIANT_OPTION[backend]: variant}
 
 
-def whole_image_decoded_pixels(data: str, split: str, resolution: int) -> float:
-    """Decoded px per output px for a loader that decodes every stored JPEG whole."""
-    from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
+def whole_image_decoded_pixels(data: str, split: str, resolution: int, backend: str = "ffcv") -> float:
+    """Decoded px per output px for a loader that decodes whole images: FFCV's stock decoder and DALI decode
+    every JPEG sample of the beton, the torch baseline every original file (sizes read from headers)."""
+    from PIL import Image
 
+    from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton, read_manifest, split_info
+
+    if backend == BASELINE:
+        manifest = read_manifest(data)
+        root = Path(manifest["source_root"])
+        area = 0
+        samples = split_info(manifest, split, data)["samples"]
+        for relative, _ in samples:
+            with Image.open(root / relative) as image:   # reads the header only
+                area += image.width * image.height
+        return area / (len(samples) * resolution ** 2)
     samples = BetonSamples(check_beton(data, split))
     jpeg = samples.mode != MODE_RAW
     return float((samples.height * samples.width)[jpeg].sum() / (len(samples) * resolution ** 2))
@@ -143,7 +156,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
     if crop_decoder:
         decoded = work["decoded_pixels"] / max(work["output_pixels"], 1)
     else:
-        decoded = whole_image_decoded_pixels(data, case.split, case.res)
+        decoded = whole_image_decoded_pixels(data, case.split, case.res, backend)
     if task is not None:
         progress.remove_task(task)
     growth = (100.0 * (rss_after_epoch[-1] / rss_after_epoch[0] - 1.0)
@@ -205,7 +218,7 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
               isolate: bool = True) -> tuple[list[dict], list[str], int]:
     """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
     rows, notes, failures = [], [], 0
-    skipped = unavailable_backends(sorted({case.backend for case in cases}))   # variants: by their backend
+    skipped = unavailable_backends(sorted({case.backend for case in cases}))
     for backend, reason in skipped.items():
         notes.append(f"{backend}: skipped, {reason}")
         console.print(f"[yellow]{backend}: skipped, {reason}[/yellow]")

@@ -135,6 +135,7 @@ def test_loaders_cli_writes_a_complete_report(betons, tmp_path):
         assert REQUIRED_COLUMNS <= row.keys()
         assert row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"]
         assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["ratio_to_torch"] == 1.0
+        assert row["decoded_px_per_output_px"] > 0   # the baseline decodes every original file whole
         assert row["images_per_epoch"] == train_count // 8 * 8   # drop_last: full batches only
 
     with open(out / "results.csv", newline="") as handle:
