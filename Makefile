@@ -6,18 +6,27 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt setup.p
 DATA    := data
 DEMO    := $(DATA)/demo
 
-.PHONY: setup test demo bench lint clean sysdeps bundle
+.PHONY: setup test demo bench lint clean sysdeps fashion-mnist bundle
 
 setup: $(STAMP)
 
 # FFCV compiles against OpenCV and libjpeg-turbo, fastpipe's crop decoder against OpenCV and libjpeg's
 # own API (libjpeg-dev); install them when pkg-config cannot see them.
 SYSPKGS := pkg-config libopencv-dev libturbojpeg0-dev libjpeg-dev
+# $(call apt_install,PACKAGES,what to say without root or sudo): apt-get as root, else through sudo
+apt_install = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	else $(2); fi
 sysdeps:
 	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
-	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null; \
-	else echo "fastpipe needs system libraries for ffcv. Run:  sudo apt-get install -y $(SYSPKGS)" >&2; exit 1; fi
+	else $(call apt_install,$(SYSPKGS),echo "fastpipe needs system libraries for ffcv. Run:  sudo apt-get install -y $(SYSPKGS)" >&2; exit 1); fi
+
+# Fashion-MNIST (70,000 real 28 px photos, Debian's dataset-fashion-mnist, 31 MB): the real small-image set
+# of `python -m benchmarks quality/lr-sweep` and one test. Without root it says how; its tests then skip.
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+fashion-mnist:
+	@if [ -f $(FASHION) ]; then :; \
+	else $(call apt_install,dataset-fashion-mnist,echo "note: Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); its test will skip" >&2); fi
 
 $(STAMP): pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp
 	@$(MAKE) --no-print-directory sysdeps
@@ -29,7 +38,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: setup
+test: setup fashion-mnist
 	$(VPY) -m pytest -q tests
 
 demo: setup

@@ -4,10 +4,14 @@ converted with `python -m convert folder`:
 - `synthetic`: `python -m convert synthetic` at 28-32 px (hue and stripes tell the 10 classes apart);
 - `hard`: 20 classes that share hues, angles and stripe widths pairwise, so only their combination names
   the class, under heavy grain, random brightness and occluding blobs;
-- `digits`: scikit-learn's bundled 8x8 scans of handwritten digits (1,797 real images), upscaled to 28 px.
+- `digits`: scikit-learn's bundled 8x8 scans of handwritten digits (1,797 real images), upscaled to 28 px;
+- `fashion`: Fashion-MNIST, 70,000 real 28 px photographs of clothing in 10 classes (60,000 train, the
+  10,000 test images as val), read from Debian's `dataset-fashion-mnist` package (`apt-get install
+  dataset-fashion-mnist`); `fashion-small` is its first 400 train and 100 test images per class.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -18,7 +22,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
-SETS = ("synthetic", "hard", "digits")
+SETS = ("synthetic", "hard", "digits")            # made here, from a package's data or from nothing
+REAL_SETS = ("fashion-small", "fashion")          # need the Debian package; `fashion` trains for ~17 minutes
+BENCH_SETS = (*SETS, "fashion-small")             # the default of `benchmarks lr-sweep` and `benchmarks quality`
+FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle_boot")
 SIDE = 28          # px: the digits' size, and the hard set's
 HARD_HUES, HARD_ANGLES, HARD_PERIODS = 5, 2, 2   # 5 x 2 x 2 = 20 classes
 
@@ -85,10 +94,56 @@ def make_digits(out: str | os.PathLike, side: int = SIDE) -> int:
     return len(digits.images)
 
 
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (the MNIST family's format, gzipped or not) as a uint8 array: images N x H x W, labels N.
+    Written by hand: the format is a 4-byte magic (0, 0, type 0x08 = uint8, rank) and one big-endian uint32
+    per dimension, then the data; no kept library reads it without downloading."""
+    path = Path(path)
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}); expected "
+                         "an MNIST-format file such as train-images-idx3-ubyte.gz")
+    rank = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, ">u4", count=rank, offset=4))
+    expected = 4 + 4 * rank + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(f"{path}: {len(data):,} bytes, but its header {shape} needs {expected:,}; the file is "
+                         "truncated or damaged (reinstall the package it came from)")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def make_fashion(out: str | os.PathLike, per_class: int | None = None, val_per_class: int | None = None,
+                 source: str | os.PathLike = FASHION_DIR) -> int:
+    """OUT/train/<class>/*.png and OUT/val/<class>/*.png of Fashion-MNIST (val: its test split), the first
+    `per_class` / `val_per_class` images of each class (all when None); returns the image count."""
+    source = Path(source)
+    files = {split: (source / f"{stem}-images-idx3-ubyte.gz", source / f"{stem}-labels-idx1-ubyte.gz")
+             for split, stem in (("train", "train"), ("val", "t10k"))}
+    missing = [str(path) for pair in files.values() for path in pair if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST is not installed: {', '.join(missing)} missing. Install it with "
+                                "`apt-get install dataset-fashion-mnist` (Debian), or point FASHION_MNIST_DIR "
+                                "at a folder holding the four *-ubyte.gz files.")
+    out, written = Path(out), 0
+    for split, (image_file, label_file) in files.items():
+        images, labels = read_idx(image_file), read_idx(label_file)
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{image_file} ({images.shape}) and {label_file} ({labels.shape}) do not match")
+        limit = per_class if split == "train" else val_per_class
+        for label, name in enumerate(FASHION_CLASSES):
+            folder = out / split / f"{label}_{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in np.flatnonzero(labels == label)[:limit]:
+                Image.fromarray(images[index]).convert("RGB").save(folder / f"{index:05d}.png")
+                written += 1
+    return written
+
+
 def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per_class: int = 30,
             workers: int | None = None) -> Path:
     """Write set `name` under ROOT/<name>/images and convert it to ROOT/<name>/betons (skipped when the
-    betons are already there). Returns the betons folder."""
+    betons are already there). Returns the betons folder. `per_class` / `val_per_class` size the generated
+    sets; the real ones have sizes of their own."""
     from convert.__main__ import main as convert
 
     base = Path(root) / name
@@ -104,8 +159,12 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
         make_hard(images, per_class, val_per_class, workers=workers)
     elif name == "digits":
         make_digits(images)
+    elif name == "fashion":
+        make_fashion(images)
+    elif name == "fashion-small":
+        make_fashion(images, per_class=400, val_per_class=100)
     else:
-        raise ValueError(f"unknown data set '{name}'; choose from {', '.join(SETS)}")
+        raise ValueError(f"unknown data set '{name}'; choose from {', '.join(SETS + REAL_SETS)}")
     # digits have no split of their own: a fifth of each class goes to val
     if convert(["folder", str(images), "--out", str(betons), "--val-fraction", "0.2",
                 "--workers", str(workers or os.cpu_count() or 1)]) != 0:
