@@ -3,6 +3,11 @@
 torch's `AveragedModel` holds the averaged copy and `get_ema_multi_avg_fn` does the averaging. The update
 goes straight to that function on tensor lists built once, because `AveragedModel.update_parameters` reads
 its step counter on the host at every call, and the trainer's step never waits on the device.
+
+The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (the num_updates form of TensorFlow's
+and timm's EMA): with a fixed 0.999 the average still held 15% of the random initial weights after four
+epochs of a 60,000-image run and scored 72% where the raw weights scored 88%. torch has no warm-up, so the
+counter is kept here, on the host, and the decay of each update is handed to `get_ema_multi_avg_fn`.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         if not 0 < decay < 1:
             raise ValueError(f"model.ema_decay must be in (0, 1) (0 turns the average off), got {decay}.")
-        self.decay = decay
+        self.decay, self.updates = decay, 0   # updates: optimizer steps averaged so far (resume sets it)
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.n_averaged.fill_(1)   # the copy holds the model's weights: the first average
         pairs = list(zip([*self.averaged.module.parameters(), *self.averaged.module.buffers()],
@@ -30,10 +35,14 @@ class WeightAverage:
     def module(self) -> nn.Module:
         return self.averaged.module
 
+    def decay_at(self, updates: int) -> float:
+        return min(self.decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
     def update(self) -> None:
         if self.floats[0]:
-            self.averaged.multi_avg_fn(*self.floats, None)
+            get_ema_multi_avg_fn(self.decay_at(self.updates))(*self.floats, None)
+        self.updates += 1
         if self.counts[0]:
             torch._foreach_copy_(*self.counts)
 

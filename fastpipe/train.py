@@ -316,6 +316,7 @@ class Trainer:
                          scaler=self.scaler, schedule=planned == self.total_steps)
         if self.ema is not None:   # a run that had no average starts one from its current weights
             self.ema.load_state_dict(state.get("ema") or self.model.state_dict())
+            self.ema.updates = int(state["global_step"]) if "ema" in state else 0   # the decay's warm-up goes on
         self.eval_weights = state.get("eval_weights", "raw")
         self.step.global_step, self.lr_scale = int(state["global_step"]), float(state["lr_scale"])
         self.best_top1, self.epochs_since_best = float(state["best_top1"]), int(state["epochs_since_best"])

@@ -40,6 +40,7 @@ def ema_run(betons, tmp_path_factory):
 def test_the_average_follows_weights_and_batchnorm_statistics_at_its_decay():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     average = WeightAverage(model, decay=0.5)
+    average.updates = 20                      # past the warm-up: min(0.5, 21 / 30) = 0.5
     start = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model[0].weight.add_(2.0)
@@ -49,6 +50,20 @@ def test_the_average_follows_weights_and_batchnorm_statistics_at_its_decay():
     for key in ("0.weight", "1.running_mean", "1.running_var"):
         torch.testing.assert_close(average.state_dict()[key], (start[key] + now[key]) / 2)
     assert average.state_dict()["1.num_batches_tracked"] == now["1.num_batches_tracked"] == 1
+    assert average.updates == 21
+
+
+def test_the_decay_warms_up_so_early_weights_fade_from_the_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    average = WeightAverage(model, decay=0.999)
+    assert [average.decay_at(n) for n in (0, 90, 10_000)] == [0.1, 0.91, 0.999]
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+        average.module.weight.fill_(1.0)      # the "initial" weights
+    for _ in range(1000):
+        average.update()
+    # a fixed 0.999 would keep 0.999 ** 1000 = 37% of the initial weights; the warm-up keeps under 1%
+    assert average.module.weight.abs().max().item() < 0.01
 
 
 def test_ema_weights_differ_from_the_raw_ones_and_both_are_evaluated_each_epoch(ema_run):
