@@ -18,7 +18,7 @@ RECIPES = {
     "small": ("small.toml", []),
     "r18-imagenet": ("r18.toml", ["--resolution.start=32", "--resolution.end=32", "--resolution.val=32",
                                   "--data.batch_size=128", "--optim.lr=auto", "--model.stem=imagenet",
-                                  "--augment.min_scale=0.08", "--schedule.epochs=12"]),
+                                  "--augment.min_scale=0.08", "--schedule.epochs=10"]),
 }
 
 

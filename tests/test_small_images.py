@@ -11,7 +11,7 @@ from torch import nn
 from fastpipe.build import build_model, build_runtime, resolve_stem
 from fastpipe.checkpoint import CheckpointError, save_checkpoint
 from fastpipe.config import load_config
-from fastpipe.lr_finder import read_curve
+from fastpipe.lr_finder import EDGE_RISE, read_curve
 from fastpipe.model import build_resnet, stem_of
 
 
@@ -115,7 +115,7 @@ def test_lr_finder_suggests_the_edge_where_the_loss_turns_back_up_through_the_no
     x = np.log10(lrs)
     clean = 2.3 - 2.0 / (1 + np.exp(-(x + 2) * 4)) + np.exp(3 * (x - 0.3))   # floor from ~1e-2, rising past ~0.3
     drop = clean[:10].mean() - clean.min()
-    expected = lrs[np.argmax((clean > clean.min() + 0.1 * drop) & (x > x[np.argmin(clean)]))]
+    expected = lrs[np.argmax((clean > clean.min() + EDGE_RISE * drop) & (x > x[np.argmin(clean)]))]
     noisy = clean + np.random.default_rng(1).normal(0, 0.03, steps)
     result = read_curve(lrs.tolist(), noisy.tolist(), steps=steps)
     assert result.rule == "edge" and result.suggestion == result.edge
