@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.small_sets import BENCH_SETS, prepare, train_once
+from benchmarks.small_sets import BENCH_SETS, prepare, split_size, train_once
 
 ACCEPTS_CONFIG_OVERRIDES = True
 DEFAULT_LRS = tuple(float(f"{lr:.3g}") for lr in np.logspace(np.log10(0.02), np.log10(2.0), 6))
@@ -75,7 +75,7 @@ def sweep_set(name: str, args, lrs: list[float], overrides: list[str]) -> dict:
     lr_scale = config.schedule_for_resolution().batch_size_at(0) / config.data.batch_size
     per_seed = [rule_suggestions(_seed_dir(runs, "lr-auto", seed), config.lr_finder.steps, lr_scale) for seed in seeds]
     suggestions = {rule: _geomean([row[rule] for row in per_seed]) for rule in per_seed[0]}
-    val_images = _images(betons, "val")
+    val_images = split_size(betons, "val")
     best, noise, tied = best_and_tied(fixed, val_images)
     auto_lrs = [a["peak_lr"] for a in autos]
     auto_top1 = float(np.mean([a["final_val_top1"] for a in autos]))
@@ -87,7 +87,7 @@ def sweep_set(name: str, args, lrs: list[float], overrides: list[str]) -> dict:
             "auto_lr": _geomean(auto_lrs), "auto_lrs": auto_lrs, "auto_top1": auto_top1,
             "auto_top1_seeds": [a["final_val_top1"] for a in autos],
             "auto_wall_s": float(np.mean([a["wall_time_s"] for a in autos])),
-            "rules": suggestions, "rule": _rule(), "train_images": _images(betons, "train")}
+            "rules": suggestions, "rule": _rule(), "train_images": split_size(betons, "train")}
 
 
 def best_and_tied(fixed: list[dict], val_images: int) -> tuple[dict, float, list[float]]:
@@ -106,12 +106,6 @@ def _rule() -> str:
     from fastpipe.lr_finder import SUGGESTION_RULE
 
     return SUGGESTION_RULE
-
-
-def _images(betons: Path, split: str) -> int:
-    from fastpipe.data.beton import read_manifest
-
-    return int(read_manifest(betons)["splits"][split]["written"])
 
 
 def within_2x(lr: float | None, row: dict) -> bool:

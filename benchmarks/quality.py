@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.small_sets import BENCH_SETS, REAL_SETS, SETS, prepare, train_once
+from benchmarks.small_sets import BENCH_SETS, REAL_SETS, SETS, prepare, split_size, train_once
 
 ACCEPTS_CONFIG_OVERRIDES = True
 RECIPES = {
@@ -44,8 +44,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    from fastpipe.data.beton import read_manifest
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipes, sets = args.recipes.split(","), args.sets.split(",")
@@ -69,7 +67,7 @@ def run(args) -> int:
             run_dir = out / "runs" / f"{recipe}-{name}"
             summary = train_once(config_name, betons, run_dir, [*recipe_overrides, *overrides])
             rows[recipe, name] = {
-                "recipe": recipe, "set": name, "train_images": int(read_manifest(betons)["splits"]["train"]["written"]),
+                "recipe": recipe, "set": name, "train_images": split_size(betons, "train"),
                 "epochs": int(summary["epochs"]), "top1": float(summary["final_val_top1"]),
                 "wall_s": float(summary["wall_time_s"]), "images_per_second": float(summary["mean_images_per_second"]),
                 "peak_lr": float(summary["peak_lr"]), "run_dir": str(run_dir)}

@@ -172,6 +172,13 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
     return betons
 
 
+def split_size(betons: Path, split: str) -> int:
+    """Images written to a converted set's split ("train" or "val")."""
+    from fastpipe.data.beton import read_manifest
+
+    return int(read_manifest(betons)["splits"][split]["written"])
+
+
 def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[str]) -> dict:
     """One training run with `python -m fastpipe.train`'s Trainer (skipped when run_dir already holds its
     summary, so a benchmark stopped part-way continues); returns its summary.json."""

@@ -23,8 +23,8 @@ class WeightAverage:
         if not 0 < decay < 1:
             raise ValueError(f"model.ema_decay must be in (0, 1) (0 turns the average off), got {decay}.")
         self.decay, self.updates = decay, 0   # updates: optimizer steps averaged so far (resume sets it)
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.averaged.n_averaged.fill_(1)   # the copy holds the model's weights: the first average
+        # the copy and nothing more: update() averages, AveragedModel.update_parameters is never called
+        self.averaged = AveragedModel(model, use_buffers=True)
         pairs = list(zip([*self.averaged.module.parameters(), *self.averaged.module.buffers()],
                          [*model.parameters(), *model.buffers()]))
         self.floats = ([a for a, m in pairs if a.is_floating_point()], [m for a, m in pairs if a.is_floating_point()])
