@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt setup.p
 DATA    := data
 DEMO    := $(DATA)/demo
 
-.PHONY: setup test demo bench lint clean sysdeps fashion-mnist bundle
+.PHONY: setup test demo bench lint clean sysdeps diskcheck fashion-mnist bundle
 
 setup: $(STAMP)
 
@@ -28,8 +28,15 @@ fashion-mnist:
 	@if [ -f $(FASHION) ]; then :; \
 	else $(call apt_install,dataset-fashion-mnist,echo "note: Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist); its test will skip" >&2); fi
 
+# A new venv takes ~7 GB (torch's CUDA build with its libraries, DALI, ffcv); say so before pip fails half-way.
+VENV_GB := 8
+diskcheck:
+	@test -x $(VPY) || { free=$$(df -Pk $$(dirname $(abspath $(VENV))) | awk 'NR==2{print int($$4/1048576)}'); \
+	if [ "$$free" -lt $(VENV_GB) ]; then echo "fastpipe's venv needs about $(VENV_GB) GB free; $$(dirname $(abspath $(VENV))) has $$free GB." \
+		"Free some space (old venvs, runs/, data/) or put the venv on a larger disk: make VENV=/path/to/venv ..." >&2; exit 1; fi; }
+
 $(STAMP): pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp
-	@$(MAKE) --no-print-directory sysdeps
+	@$(MAKE) --no-print-directory sysdeps diskcheck
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 	# numpy and cython first: ffcv's setup.py imports numpy while building

@@ -2,8 +2,11 @@
 installs the tested pins of constraints.txt, which must lie inside the declared ranges."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 
@@ -39,3 +42,19 @@ def test_tested_pins_lie_inside_the_declared_ranges_and_cover_torch():
 def test_make_installs_with_the_constraints():
     makefile = (REPO / "Makefile").read_text()
     assert "-c constraints.txt -e '.[dali,dev]'" in makefile
+
+
+def test_make_refuses_a_new_venv_on_a_disk_without_room_and_says_what_to_do(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    venv = tmp_path / "venv"
+
+    def diskcheck(gb: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "diskcheck", f"VENV={venv}",
+                               f"VENV_GB={gb}"], check=False, capture_output=True, text=True)
+
+    short = diskcheck(10**6)  # a million GB: no disk has that
+    assert short.returncode != 0
+    assert "needs about 1000000 GB free" in short.stderr and "make VENV=" in short.stderr
+    assert not venv.exists()
+    assert diskcheck(0).returncode == 0
