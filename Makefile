@@ -30,9 +30,12 @@ fashion-mnist:
 
 # A new venv takes ~7 GB (torch's CUDA build with its libraries, DALI, ffcv); say so before pip fails half-way.
 VENV_GB := 8
+# The venv's folder may not exist yet: measure the nearest one that does.
 diskcheck:
-	@test -x $(VPY) || { free=$$(df -Pk $$(dirname $(abspath $(VENV))) | awk 'NR==2{print int($$4/1048576)}'); \
-	if [ "$$free" -lt $(VENV_GB) ]; then echo "fastpipe's venv needs about $(VENV_GB) GB free; $$(dirname $(abspath $(VENV))) has $$free GB." \
+	@test -x $(VPY) || { d="$(abspath $(VENV))"; while [ ! -d "$$d" ]; do d=$$(dirname "$$d"); done; \
+	free=$$(df -Pk "$$d" | awk 'NR==2{print int($$4/1048576)}'); \
+	case "$$free" in ''|*[!0-9]*) echo "fastpipe: could not read the free space of $$d (df said: $$free); carrying on" >&2; exit 0;; esac; \
+	if [ "$$free" -lt $(VENV_GB) ]; then echo "fastpipe's venv needs about $(VENV_GB) GB free; $$d has $$free GB." \
 		"Free some space (old venvs, runs/, data/) or put the venv on a larger disk: make VENV=/path/to/venv ..." >&2; exit 1; fi; }
 
 $(STAMP): pyproject.toml constraints.txt setup.py fastpipe/data/_cropdecode.cpp

@@ -99,11 +99,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Written by hand: the format is a 4-byte magic (0, 0, type 0x08 = uint8, rank) and one big-endian uint32
     per dimension, then the data; no kept library reads it without downloading."""
     path = Path(path)
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        data = file.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}); expected "
                          "an MNIST-format file such as train-images-idx3-ubyte.gz")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise ValueError(f"{path}: {len(data):,} bytes end inside its header ({rank} dimensions need "
+                         f"{4 + 4 * rank} bytes); the file is truncated or damaged (reinstall the package it came from)")
     shape = tuple(int(n) for n in np.frombuffer(data, ">u4", count=rank, offset=4))
     expected = 4 + 4 * rank + int(np.prod(shape))
     if len(data) != expected:
@@ -149,6 +153,14 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
     base = Path(root) / name
     images, betons = base / "images", base / "betons"
     if (betons / "manifest.json").is_file():
+        classes = {"synthetic": 10, "hard": HARD_HUES * HARD_ANGLES * HARD_PERIODS}.get(name)
+        if classes is not None:   # a generated set: made at the sizes asked for?
+            asked = {"train": classes * per_class, "val": classes * val_per_class}
+            found = {split: split_size(betons, split) for split in asked}
+            if found != asked:
+                raise RuntimeError(f"{betons} holds {found['train']:,} train / {found['val']:,} val images, but "
+                                   f"{per_class} / {val_per_class} per class make {asked['train']:,} / "
+                                   f"{asked['val']:,}: remove {base} to make it again, or use another --data-root")
         return betons
     if name == "synthetic":
         from convert.synthetic import make_synthetic
@@ -180,14 +192,40 @@ def split_size(betons: Path, split: str) -> int:
 
 
 def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[str]) -> dict:
-    """One training run with `python -m fastpipe.train`'s Trainer (skipped when run_dir already holds its
-    summary, so a benchmark stopped part-way continues); returns its summary.json."""
-    from fastpipe.config import load_config
+    """One training run with `python -m fastpipe.train`'s Trainer; returns its summary.json. Skipped when
+    run_dir already holds a finished run of the same resolved config, so a benchmark stopped part-way
+    continues; a finished run of other settings (a --quick check, other epochs or data) stops with what
+    differs rather than passing for this one."""
+    import dataclasses
+
+    import tomllib
+
+    from fastpipe.config import load_config, to_toml
     from fastpipe.train import Trainer
 
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
-        if Trainer(config, run_dir).fit() != 0:
-            raise RuntimeError(f"training in {run_dir} failed")
+    config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
+    summary, stored = run_dir / "summary.json", run_dir / "config.toml"
+    if summary.is_file():
+        wanted = tomllib.loads(to_toml(dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))))
+        found = tomllib.loads(stored.read_text()) if stored.is_file() else {}
+        differ = _differences(found, wanted)
+        if not differ:
+            return json.loads(summary.read_text())
+        raise RuntimeError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ[:4])}"
+                           f"{'; ...' if len(differ) > 4 else ''}): remove that folder to train it again, or give "
+                           "the benchmark another --out")
+    if Trainer(config, run_dir).fit() != 0:
+        raise RuntimeError(f"training in {run_dir} failed")
     return json.loads(summary.read_text())
+
+
+def _differences(found: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """'key: X there, Y now' for each dotted key whose value differs between two parsed config trees."""
+    lines = []
+    for key in sorted(set(found) | set(wanted)):
+        a, b = found.get(key, "(none)"), wanted.get(key, "(none)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return lines

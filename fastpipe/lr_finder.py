@@ -68,7 +68,7 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
     `autocast()` and, when given, `scaler` (the same AMP setup as training). The sweep stops when a
     bias-corrected running average of the loss (`smoothing`) exceeds `diverge_factor` times its minimum or
     a loss is NaN/Inf. Suggestions come from the loss smoothed with a centred Gaussian window instead
-    (`centred_smooth`), which does not shift the curve. Every parameter group gets the swept LR. Under DDP the
+    (`centred_smooth`, losses capped at the starting level), which does not shift the curve. Every parameter group gets the swept LR. Under DDP the
     loss is averaged over ranks first, so all ranks stop together and get the same suggestions.
 
     Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
@@ -105,10 +105,16 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
 def read_curve(lrs: list[float], losses: list[float], *, steps: int, stopped_early: bool = False, reason: str = "",
                rule: str = SUGGESTION_RULE) -> LRFinderResult:
     """The suggestions for a sweep's (LR, loss) points; `steps` is the sweep's planned length, which sets the
-    smoothing window (1/40 of it, at least one step) and the noisy start that is skipped (1/10)."""
-    smoothed = centred_smooth(losses, sigma=max(1.0, steps / 40)).tolist()
+    smoothing window (1/40 of it, at least one step) and the noisy start that is skipped (1/10).
+
+    Losses above the starting level (the mean of that noisy start) count as that level when smoothed: past it
+    a loss only says "no longer training", and the blown-up point that ends a sweep (10-100x the start) would
+    otherwise leak several steps back through the window and move the edge up to 2x lower."""
+    skip_start = max(1, steps // 10)
+    ceiling = float(np.mean(losses[:skip_start])) if len(losses) else 0.0
+    smoothed = centred_smooth(np.minimum(losses, ceiling), sigma=max(1.0, steps / 40)).tolist()
     result = LRFinderResult(list(lrs), list(losses), smoothed, None, None, None, stopped_early, reason, rule)
-    _suggest(result, skip_start=max(1, steps // 10))
+    _suggest(result, skip_start=skip_start)
     return result
 
 

@@ -39,8 +39,8 @@ def ema_run(betons, tmp_path_factory):
 
 def test_the_average_follows_weights_and_batchnorm_statistics_at_its_decay():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    average = WeightAverage(model, decay=0.5)
-    average.updates = 20                      # past the warm-up: min(0.5, 21 / 30) = 0.5
+    average = WeightAverage(model, decay=0.75)
+    average.updates = 40                      # past the warm-up: min(0.75, 41 / 50) = 0.75
     start = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model[0].weight.add_(2.0)
@@ -48,9 +48,10 @@ def test_the_average_follows_weights_and_batchnorm_statistics_at_its_decay():
     average.update()
     now = model.state_dict()
     for key in ("0.weight", "1.running_mean", "1.running_var"):
-        torch.testing.assert_close(average.state_dict()[key], (start[key] + now[key]) / 2)
+        # a quarter of the way to the new weights (0.75 and 0.25 told apart: the swapped update is the classic slip)
+        torch.testing.assert_close(average.state_dict()[key], 0.75 * start[key] + 0.25 * now[key])
     assert average.state_dict()["1.num_batches_tracked"] == now["1.num_batches_tracked"] == 1
-    assert average.updates == 21
+    assert average.updates == 41
 
 
 def test_the_decay_warms_up_so_early_weights_fade_from_the_average():
@@ -60,7 +61,9 @@ def test_the_decay_warms_up_so_early_weights_fade_from_the_average():
     with torch.no_grad():
         model.weight.fill_(0.0)
         average.module.weight.fill_(1.0)      # the "initial" weights
-    for _ in range(1000):
+    average.update()                          # decay 0.1: 90% of the way to the weights at once
+    torch.testing.assert_close(average.module.weight, torch.full_like(model.weight, 0.1))
+    for _ in range(999):
         average.update()
     # a fixed 0.999 would keep 0.999 ** 1000 = 37% of the initial weights; the warm-up keeps under 1%
     assert average.module.weight.abs().max().item() < 0.01

@@ -47,7 +47,7 @@ def test_make_installs_with_the_constraints():
 def test_make_refuses_a_new_venv_on_a_disk_without_room_and_says_what_to_do(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("no make")
-    venv = tmp_path / "venv"
+    venv = tmp_path / "not" / "made" / "yet" / "venv"   # as `make VENV=/other/disk/venv` on a new disk
 
     def diskcheck(gb: int) -> subprocess.CompletedProcess:
         return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "diskcheck", f"VENV={venv}",
@@ -56,5 +56,5 @@ def test_make_refuses_a_new_venv_on_a_disk_without_room_and_says_what_to_do(tmp_
     short = diskcheck(10**6)  # a million GB: no disk has that
     assert short.returncode != 0
     assert "needs about 1000000 GB free" in short.stderr and "make VENV=" in short.stderr
-    assert not venv.exists()
+    assert not (tmp_path / "not").exists()
     assert diskcheck(0).returncode == 0

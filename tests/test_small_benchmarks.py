@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmarks.__main__ import main
 from benchmarks.lr_sweep import best_and_tied, within_2x
-from benchmarks.small_sets import FASHION_DIR, make_fashion, read_idx
+from benchmarks.small_sets import FASHION_DIR, make_fashion, prepare, read_idx, train_once
 from fastpipe.report import RunReport
 
 
@@ -47,6 +47,17 @@ def test_quality_quick_prints_top1_and_wall_time_per_recipe(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| small | synthetic | 120 | 1 |" in printed and (tmp_path / "results.md").is_file()
 
+    # run again: the finished runs are reused (same wall time read back, not trained again) ...
+    assert main(["quality", "--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    # ... but never stand in for other settings or another size of the set
+    run_dir, betons = tmp_path / "runs" / "small-synthetic", tmp_path / "data" / "synthetic" / "betons"
+    with pytest.raises(RuntimeError, match=r"other settings \(schedule.epochs: 1 there, 3 now"):
+        train_once("small.toml", betons, run_dir, ["--schedule.epochs=1", "--data.batch_size=16",
+                                                   "--lr_finder.steps=10", "--data.workers=1", "--schedule.epochs=3"])
+    with pytest.raises(RuntimeError, match="holds 120 train / 40 val images, but 50 / 4 per class make 500 / 40"):
+        prepare("synthetic", tmp_path / "data", per_class=50, val_per_class=4)
+
 
 def test_lrs_within_the_val_sets_noise_of_the_best_count_as_tied():
     fixed = [{"lr": 0.126, "top1": 0.897, "loss": 0.4}, {"lr": 0.317, "top1": 0.9638, "loss": 0.15},
@@ -73,6 +84,9 @@ def test_idx_files_read_back_exactly_and_damage_is_named(tmp_path):
         file.write(gzip.decompress((tmp_path / "images.gz").read_bytes())[:-392])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(tmp_path / "short.gz")
+    (tmp_path / "header.idx").write_bytes(bytes([0, 0, 0x08, 3, 0, 0, 0, 7]))   # 3 dimensions, 1 given
+    with pytest.raises(ValueError, match="end inside its header"):
+        read_idx(tmp_path / "header.idx")
     (tmp_path / "text").write_bytes(b"not an idx file")
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "text")

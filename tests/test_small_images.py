@@ -121,3 +121,19 @@ def test_lr_finder_suggests_the_edge_where_the_loss_turns_back_up_through_the_no
     assert result.rule == "edge" and result.suggestion == result.edge
     assert expected / 1.3 <= result.edge <= expected * 1.3
     assert result.steepest < result.min_loss < result.edge   # the descent, the floor, then its edge
+
+
+def test_lr_finder_edge_does_not_move_with_the_size_of_the_blown_up_last_loss():
+    # a sweep that stops at step 71 of 100 on one huge loss (as the divergence check ends it): how huge must not
+    # matter, the smoothing window would otherwise drag the rise several steps earlier
+    steps = 100
+    lrs = np.logspace(-5, 1, steps)[:71]
+    x = np.log10(lrs)
+    losses = 2.3 - 2.0 / (1 + np.exp(-(x + 2) * 4)) + np.exp(3 * (x - 0.3))
+    edges = []
+    for last in (5.0, 50.0, 1e4):
+        stopped = losses.copy()
+        stopped[-1] = last
+        edges.append(read_curve(lrs.tolist(), stopped.tolist(), steps=steps, stopped_early=True).edge)
+    assert edges[0] == edges[1] == edges[2], edges
+    assert edges[0] >= lrs[-4]   # only the window's half-width (3 steps) before the blow-up
