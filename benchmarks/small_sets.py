@@ -30,6 +30,7 @@ FASHION_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal
                    "ankle_boot")
 SIDE = 28          # px: the digits' size, and the hard set's
 HARD_HUES, HARD_ANGLES, HARD_PERIODS = 5, 2, 2   # 5 x 2 x 2 = 20 classes
+GENERATED_CLASSES = {"synthetic": 10, "hard": HARD_HUES * HARD_ANGLES * HARD_PERIODS}   # classes of the sets made here
 
 
 def hard_style(label: int) -> tuple[float, float, float]:
@@ -71,7 +72,7 @@ def make_hard(out: str | os.PathLike, per_class: int, val_per_class: int, seed: 
     out = Path(out)
     jobs = []
     for split, count, offset in (("train", per_class, 0), ("val", val_per_class, per_class)):
-        for label in range(HARD_HUES * HARD_ANGLES * HARD_PERIODS):
+        for label in range(GENERATED_CLASSES["hard"]):
             folder = out / split / class_name(label)
             folder.mkdir(parents=True, exist_ok=True)
             jobs += [(folder / f"{index:05d}.png", label, seed, index) for index in range(offset, offset + count)]
@@ -153,7 +154,7 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
     base = Path(root) / name
     images, betons = base / "images", base / "betons"
     if (betons / "manifest.json").is_file():
-        classes = {"synthetic": 10, "hard": HARD_HUES * HARD_ANGLES * HARD_PERIODS}.get(name)
+        classes = GENERATED_CLASSES.get(name)
         if classes is not None:   # a generated set: made at the sizes asked for?
             asked = {"train": classes * per_class, "val": classes * val_per_class}
             found = {split: split_size(betons, split) for split in asked}
@@ -165,7 +166,7 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
     if name == "synthetic":
         from convert.synthetic import make_synthetic
 
-        make_synthetic(images, classes=10, per_class=per_class, val_per_class=val_per_class, min_side=28,
+        make_synthetic(images, classes=GENERATED_CLASSES["synthetic"], per_class=per_class, val_per_class=val_per_class, min_side=28,
                        max_side=32, workers=workers)
     elif name == "hard":
         make_hard(images, per_class, val_per_class, workers=workers)
@@ -196,8 +197,6 @@ def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[st
     run_dir already holds a finished run of the same resolved config, so a benchmark stopped part-way
     continues; a finished run of other settings (a --quick check, other epochs or data) stops with what
     differs rather than passing for this one."""
-    import dataclasses
-
     import tomllib
 
     from fastpipe.config import load_config, to_toml
@@ -206,7 +205,7 @@ def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[st
     config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
     summary, stored = run_dir / "summary.json", run_dir / "config.toml"
     if summary.is_file():
-        wanted = tomllib.loads(to_toml(dataclasses.replace(config, run=dataclasses.replace(config.run, dir=str(run_dir)))))
+        wanted = tomllib.loads(to_toml(config))   # run.dir is run_dir already, as in the trainer's copy
         found = tomllib.loads(stored.read_text()) if stored.is_file() else {}
         differ = _differences(found, wanted)
         if not differ:

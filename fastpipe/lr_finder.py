@@ -68,8 +68,9 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
     `autocast()` and, when given, `scaler` (the same AMP setup as training). The sweep stops when a
     bias-corrected running average of the loss (`smoothing`) exceeds `diverge_factor` times its minimum or
     a loss is NaN/Inf. Suggestions come from the loss smoothed with a centred Gaussian window instead
-    (`centred_smooth`, losses capped at the starting level), which does not shift the curve. Every parameter group gets the swept LR. Under DDP the
-    loss is averaged over ranks first, so all ranks stop together and get the same suggestions.
+    (`centred_smooth`, losses capped at the starting level), which does not shift the curve. Every parameter
+    group gets the swept LR. Under DDP the loss is averaged over ranks first, so all ranks stop together and
+    get the same suggestions.
 
     Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
     numpy, torch CPU and CUDA RNG states are exactly as before. With `out_dir`, writes

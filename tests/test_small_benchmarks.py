@@ -116,7 +116,7 @@ def test_missing_fashion_mnist_says_how_to_install_it(tmp_path):
 
 
 @pytest.mark.skipif(not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; make sysdeps does)")
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; make fashion-mnist does)")
 def test_the_installed_fashion_mnist_has_its_published_shape():
     labels = read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
     images = read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz")
