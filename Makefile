@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt setup.p
 DATA    := data
 DEMO    := $(DATA)/demo
 
-.PHONY: setup test demo bench lint clean sysdeps diskcheck fashion-mnist bundle
+.PHONY: setup test demo bench lint clean sysdeps diskcheck fashion-mnist wheelhouse gpubox-sim
 
 setup: $(STAMP)
 
@@ -68,27 +68,14 @@ lint: setup
 clean:
 	rm -rf $(VENV) runs $(DATA)
 
-# An offline bundle for a GPU box with Python 3.12 and torch preinstalled but no package registry:
-# BUNDLE/ffcv (ffcv built for cp312 + the shared libraries it links) and BUNDLE/dali (the DALI wheels,
-# split into parts under 60 MB for transfers capped at 64 MiB). Install steps: README, "GPU box, offline".
-BUNDLE ?= .bundle
-PY312  ?= $(shell pyenv prefix 3.12 2>/dev/null || true)/bin/python3.12
-bundle: sysdeps
-	@test -x "$(PY312)" || { echo "needs a Python 3.12 to build ffcv for the box: set PY312=/path/to/python3.12" >&2; exit 1; }
-	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)/ffcv/wheels $(BUNDLE)/ffcv/lib $(BUNDLE)/dali
-	$(PY312) -m pip wheel -q --no-deps -w $(BUNDLE)/ffcv/wheels ffcv==1.0.2 fastargs terminaltables assertpy
-	cd $(BUNDLE)/ffcv && unzip -q -o wheels/ffcv-*.whl 'ffcv/_libffcv*.so' -d so && \
-		ldd so/ffcv/_libffcv*.so | awk '/=> \//{print $$3}' | \
-		grep -vE '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | xargs -r -I{} cp -L {} lib/ && rm -rf so
-	# the crop decoder built for cp312 (the box may lack a compiler or headers); its libraries join ffcv's
-	$(CXX) -O3 -std=c++17 -shared -fPIC -I"$$($(PY312) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-		$$(pkg-config --cflags-only-I opencv4 libjpeg) fastpipe/data/_cropdecode.cpp -ljpeg -lopencv_imgproc -lopencv_core \
-		-o $(BUNDLE)/ffcv/_cropdecode$$($(PY312) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-	ldd $(BUNDLE)/ffcv/_cropdecode*.so | awk '/=> \//{print $$3}' | \
-		grep -vE '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' | xargs -r -I{} cp -L {} $(BUNDLE)/ffcv/lib/
-	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d $(BUNDLE)/dali/wheels \
-		-c constraints.txt nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 astunparse gast \
-		libcst makefun nvtx optree
-	cd $(BUNDLE)/dali && tar -cf - wheels | split -b 55M -d -a 2 - part. && rm -rf wheels
-	du -sh $(BUNDLE)/ffcv $(BUNDLE)/dali
+# The GPU box (Python 3.12, torch 2.11 preinstalled, no package registry): wheelhouse/ holds every wheel it
+# lacks, for Python 3.12 and 3.11, large ones in 55 MB parts (README, "GPU box, offline"). gpubox-sim proves
+# the README's install line on a stand-in box with the network off (about 10 min; not part of `make test`).
+PY312 ?= $(shell pyenv prefix 3.12 2>/dev/null || true)/bin/python3.12
+need312 = @test -x "$(PY312)" || { echo "needs a Python 3.12 for the GPU box's wheels: set PY312=/path/to/python3.12" >&2; exit 1; }
+wheelhouse: setup
+	$(need312)
+	$(VPY) -m benchmarks.gpubox wheelhouse --out wheelhouse --python $(PY312) --python $(abspath $(VPY))
+
+gpubox-sim: wheelhouse
+	$(VPY) -m benchmarks.gpubox sim --wheelhouse wheelhouse --python $(PY312) --out runs/gpubox-sim

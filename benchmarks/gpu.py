@@ -29,13 +29,26 @@ from benchmarks.report import make_console, print_table, write_report
 PHASES = ("preflight", "tests", "data", "loaders", "train", "graphs")
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "ffcv": "ffcv", "dali": "nvidia-dali-cuda130",
             "numba": "numba", "numpy": "numpy"}
+INSTALL = "install fastpipe from the wheelhouse: README, 'GPU box, offline' (make wheelhouse here, then its pip line)"
 FIXES = {
-    "ffcv": "carry an ffcv wheel built for this Python and install it offline: README, 'GPU box, offline'",
-    "dali": "carry the nvidia-dali-cuda130 wheel and install it offline: README, 'GPU box, offline'",
+    "ffcv": f"ffcv did not load or run; {INSTALL}",
+    "dali": f"DALI did not load or run; {INSTALL}",
+    "torch": "the torchvision baseline did not run: check torch and torchvision (torchvision.io decodes JPEGs)",
+    "crop decoder": f"FFCV would fall back to its stock decoder; {INSTALL}",
     "cuda": "torch sees no GPU: check `nvidia-smi`, the driver and CUDA_VISIBLE_DEVICES",
-    "nvjpeg": "DALI's mixed decoder did not run: the wheel must match the driver's CUDA (cuda130 needs a "
-              "driver for CUDA 13); see the preflight error",
+    "nvjpeg": "DALI's mixed decoder did not run: the wheelhouse carries nvidia-nvjpeg (libnvjpeg.so.13) and "
+              "nvimgcodec for it (`pip show nvidia-nvjpeg`), and the driver must support CUDA 13",
 }
+
+
+class PhaseFailed(Exception):
+    """A phase that ran to its end but found failures: its findings are kept in the report."""
+
+    def __init__(self, message: str, found: dict):
+        super().__init__(message)
+        self.found = found
+
+
 REPO = Path(__file__).resolve().parent.parent
 LOADER_COLUMNS = {"backend": "backend", "storage": "storage", "res": "res", "workers": "workers",
                   "batch_size": "batch", "img_per_s": "img/s", "ratio_to_torch": "x torch", "peak_rss_mb": "peak RSS MB",
@@ -66,11 +79,11 @@ FULL = Sizes(classes=100, per_class=100, val_per_class=10, image_sides=(200, 500
              loader_batch=256, loader_epochs=1, max_batches=None, train_res=160,
              train_batch={"resnet50": 256, "resnet18": 512}, train_steps=30, graph_res=(160, 192),
              # 8 minutes in all; compiling ResNet-50 and -18 (train) and -18 twice more (graphs) is most of it
-             budgets={"preflight": 20, "tests": 60, "data": 40, "loaders": 110, "train": 190, "graphs": 60})
+             budgets={"preflight": 45, "tests": 50, "data": 40, "loaders": 95, "train": 190, "graphs": 60})
 QUICK = Sizes(classes=4, per_class=12, val_per_class=4, image_sides=(48, 96), resolutions=(32,),
               loader_batch=16, loader_epochs=1, max_batches=2, train_res=32,
               train_batch={"resnet50": 4, "resnet18": 8}, train_steps=1, graph_res=(32, 48),
-              budgets={"preflight": 20, "tests": 60, "data": 40, "loaders": 60, "train": 40, "graphs": 40})
+              budgets={"preflight": 45, "tests": 60, "data": 40, "loaders": 60, "train": 40, "graphs": 40})
 
 
 class Deadline:
@@ -90,29 +103,69 @@ class Deadline:
 
 # ----------------------------------------------------------------------------------------------- phases
 def preflight(ctx: dict, deadline: Deadline) -> dict:
+    """Versions, then each backend imported and one small batch pushed through it on the device at hand; on
+    a GPU, one JPEG through DALI's mixed decoder with the hardware decoder asked for and without it. Any
+    piece that does not run fails the phase, with what failed and the fix."""
     import torch
 
+    from fastpipe.data import crop_decode
     from fastpipe.versions import package_versions
 
     versions = package_versions(PACKAGES)
     result = {"versions": versions, "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+              "crop_decoder": "installed" if crop_decode.available() else crop_decode.MISSING, "backends": {},
               "missing": {}}
-    for name in ("ffcv", "dali"):
-        if versions.get(name) is None:
-            result["missing"][name] = FIXES[name]
+    if not crop_decode.available():
+        result["missing"]["crop decoder"] = f"{crop_decode.MISSING}; {FIXES['crop decoder']}"
+    data = tiny_data(ctx["out"] / "preflight")
+    for backend in ("ffcv", "dali", "torch"):
+        result["backends"][backend] = one_batch(backend, data, ctx["device"])
+        if result["backends"][backend] != "ok":
+            result["missing"][backend] = f"{result['backends'][backend]}; {FIXES[backend]}"
     if ctx["device"] == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
         result["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         result["driver"] = nvidia_smi("driver_version")
-        if versions.get("dali"):
-            result["nvjpeg"] = check_mixed_decoding()
-            if result["nvjpeg"] != "ok":
-                result["missing"]["nvjpeg"] = f"{FIXES['nvjpeg']}: {result['nvjpeg']}"
+        result["nvjpeg"] = {name: check_mixed_decoding(load) for name, load in (("hardware", 0.9), ("cuda", 0.0))}
+        for name, outcome in result["nvjpeg"].items():
+            if outcome != "ok":
+                result["missing"][f"nvjpeg ({name})"] = f"{FIXES['nvjpeg']}: {outcome}"
     elif ctx["asked"] == "cuda":
         result["missing"]["cuda"] = FIXES["cuda"]
     for name, fix in result["missing"].items():
-        ctx["console"].print(f"[yellow]missing {name}: {fix}[/yellow]")
+        ctx["console"].print(f"[red]preflight: {name}: {fix}[/red]")
+    if result["missing"]:
+        raise PhaseFailed("not ready: " + "; ".join(result["missing"]), result)
     return result
+
+
+def tiny_data(root: Path) -> Path:
+    """Eight small JPEGs in two classes, converted raw: enough for one batch of each backend."""
+    from convert.pipeline import convert_source
+    from convert.sources import find_samples
+    from convert.synthetic import make_synthetic
+    from convert.write import WriteSettings
+
+    if not (root / "betons").exists():
+        make_synthetic(root / "images", classes=2, per_class=4, val_per_class=1, min_side=40, max_side=64,
+                       seed=0, workers=1)
+        settings = WriteSettings(write_mode="raw", max_resolution=64)
+        convert_source(find_samples(root / "images"), root / "betons", settings, settings, workers=1, console=None)
+    return root / "betons"
+
+
+def one_batch(backend: str, data: Path, device: str) -> str:
+    """"ok" when the backend imports and yields one batch of the right shape on the device, else the error."""
+    from fastpipe.data import build_loader
+
+    try:
+        loader = build_loader(backend, data, "train", batch_size=4, resolution=32, workers=1, device=device)
+        images, labels = next(iter(loader))
+        if tuple(images.shape) != (4, 3, 32, 32) or images.device.type != device or labels.shape != (4,):
+            return f"batch of {tuple(images.shape)} on {images.device}, expected (4, 3, 32, 32) on {device}"
+    except Exception as exc:  # noqa: BLE001 - reported as what failed, with its fix
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return "ok"
 
 
 def nvidia_smi(field: str) -> str | None:
@@ -124,34 +177,37 @@ def nvidia_smi(field: str) -> str | None:
     return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
-def check_mixed_decoding() -> str:
-    """Decode one JPEG with DALI's mixed (nvJPEG) decoder, with the hardware decoder asked for."""
+def check_mixed_decoding(hw_decoder_load: float) -> str:
+    """Decode one JPEG with DALI's mixed (nvJPEG) decoder: hw_decoder_load 0.9 asks for the hardware decoder
+    (A100/H100 have one), 0 decodes on the CUDA cores."""
     import io
 
     import numpy as np
-    from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
     encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0)
-    def pipeline():
-        data = fn.external_source(source=lambda: [encoded], batch=True, dtype=types.UINT8)
-        return fn.decoders.image(data, device="mixed", output_type=types.RGB, hw_decoder_load=0.9)
-
     try:
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+        def pipeline():
+            data = fn.external_source(source=lambda: [encoded], batch=True, dtype=types.UINT8)
+            return fn.decoders.image(data, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+
         built = pipeline()
         built.build()
         (images,) = built.run()
         shape = tuple(images.as_cpu().at(0).shape)
     except Exception as exc:  # noqa: BLE001 - reported as the missing piece
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return "ok" if shape == (48, 64, 3) else f"decoded shape {shape}, expected (48, 64, 3)"
 
 
 def gpu_tests(ctx: dict, deadline: Deadline) -> dict:
+    if not (REPO / "tests").is_dir():
+        return {"status": "skipped", "reason": f"no tests/ beside {REPO / 'benchmarks'}: run from the repository"}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests")]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(deadline.left(), 1),
@@ -193,7 +249,7 @@ def make_data(ctx: dict, deadline: Deadline) -> dict:
 def loader_rows(ctx: dict, deadline: Deadline) -> dict:
     from benchmarks.loaders import LoaderCase, run_cases
 
-    sizes, notes, rows = ctx["sizes"], [], []
+    sizes, notes, rows, failures = ctx["sizes"], [], [], []
     workers = ctx["workers"]
     feeds = [("ffcv", ctx["device"]), ("torch", ctx["device"]), ("dali", "cpu")]
     if ctx["device"] == "cuda":
@@ -206,9 +262,11 @@ def loader_rows(ctx: dict, deadline: Deadline) -> dict:
                 if not deadline.check(f"{backend} on {device} at {res} px ({storage})", notes):
                     continue
                 case = LoaderCase(backend, res, workers, sizes.loader_batch)
-                found, case_notes, _ = run_cases([case], str(path), device, sizes.loader_epochs, 1, {},
-                                                 ctx["console"], sizes.max_batches, isolate=False)
+                found, case_notes, failed = run_cases([case], str(path), device, sizes.loader_epochs, 1, {},
+                                                      ctx["console"], sizes.max_batches, isolate=False)
                 notes += case_notes
+                if failed:
+                    failures += [f"{backend} on {device} at {res} px ({storage})"]
                 for row in found:
                     row["backend"] = "dali-mixed" if backend == "dali" and device == "cuda" else (
                         "dali-cpu" if backend == "dali" else backend)
@@ -220,7 +278,10 @@ def loader_rows(ctx: dict, deadline: Deadline) -> dict:
         row["ratio_to_torch"] = round(row["img_per_s"] / base, 3) if base else None
     ctx["results"] += rows
     print_table(rows, LOADER_COLUMNS, title="loader img/s", console=ctx["console"])
-    return {"rows": len(rows), "notes": notes}
+    found = {"rows": len(rows), "notes": notes}
+    if failures:
+        raise PhaseFailed(f"{len(failures)} loader case(s) failed: {', '.join(failures)} (notes: {notes})", found)
+    return found
 
 
 def train_rows(ctx: dict, deadline: Deadline) -> dict:
@@ -228,7 +289,7 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
     from fastpipe.build import build_loader, build_runtime
     from fastpipe.config import load_config
 
-    sizes, notes, rows = ctx["sizes"], [], []
+    sizes, notes, rows, failures = ctx["sizes"], [], [], []
     data = ctx["data"]["raw"]
     for arch in ("resnet18", "resnet50"):
         if not deadline.check(f"{arch} training", notes):
@@ -252,7 +313,7 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
                                           batch_size=batch, resolution=sizes.train_res)
                     rate = loader_rate(step, loader, sizes.train_steps, warmup=2)
                 except Exception as exc:  # noqa: BLE001 - one feed failing must not lose the others
-                    notes.append(f"{arch} fed by {backend} ({storage}): {type(exc).__name__}: {exc}")
+                    failures.append(f"{arch} fed by {backend} ({storage}): {type(exc).__name__}: {exc}")
                     continue
                 finally:
                     loader = None
@@ -262,6 +323,9 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
     ctx["train_rows"] = rows
     print_table(rows, TRAIN_COLUMNS, title="training img/s: the trainer's step, synthetic vs loaders",
                 console=ctx["console"])
+    if failures:
+        raise PhaseFailed(f"{len(failures)} training feed(s) failed: {'; '.join(failures)}",
+                          {"rows": rows, "notes": notes + failures})
     return {"rows": rows, "notes": notes}
 
 
@@ -335,6 +399,9 @@ def run(args) -> int:
         try:
             result = RUNNERS[name](ctx, Deadline(budget))
             phases[name] = {"status": "ok", **result}
+        except PhaseFailed as exc:
+            phases[name] = {**exc.found, "status": "failed", "error": str(exc)}
+            console.print(f"[red]{name} failed: {exc}[/red]")
         except Exception as exc:  # noqa: BLE001 - report it, then go on with the next phase
             phases[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                             "trace": traceback.format_exc(limit=3)}
@@ -367,9 +434,9 @@ def phase_markdown(phases: dict, train: list[dict]) -> str:
     for name, phase in phases.items():
         detail = phase.get("error") or phase.get("reason") or phase.get("summary") or ""
         if name == "preflight" and phase.get("status") == "ok":
-            detail = ", ".join(f"{k} {v}" for k, v in phase["versions"].items()) + (
-                "; missing: " + "; ".join(f"{k}: {v}" for k, v in phase["missing"].items())
-                if phase["missing"] else "")
+            detail = ", ".join(f"{k} {v}" for k, v in phase["versions"].items()) + "; one batch: " + ", ".join(
+                f"{k} {v}" for k, v in phase["backends"].items()) + f"; crop decoder {phase['crop_decoder']}" + (
+                "; nvJPEG: " + ", ".join(f"{k} {v}" for k, v in phase["nvjpeg"].items()) if "nvjpeg" in phase else "")
         if name == "graphs" and phase.get("status") == "ok":
             detail = f"graphs after {phase['resolutions']} px: {phase['graphs_after_each_resolution']}"
         lines.append(f"| {name} | {phase['status']} | {phase.get('seconds', '')} | {phase.get('budget_s', '')} | "

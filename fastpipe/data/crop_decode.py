@@ -1,34 +1,58 @@
 """The native crop decoder (`_cropdecode.cpp`) seen from Python and numba: decode only a JPEG's crop
 window, at the largest DCT scale that keeps it at least the output size, then a cheap resize; raw pixels
-get the same crop + resize. `available()` says whether the library was built; without it FFCV's
-stock decoder runs.
+get the same crop + resize. `available()` says whether the library loaded; without it FFCV's stock
+decoder runs and MISSING says why.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 from ctypes import c_int, c_uint, c_uint64, c_void_p
+from importlib import metadata
 
 import numpy as np
 
 COUNTERS = ("samples", "decoded_pixels", "stored_pixels", "output_pixels", "full_decodes",
             "scaled_decodes", "failures")
 MAX_DENOM = 8   # DCT scales 1/1, 1/2, 1/4, 1/8
-MISSING = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
-           "`make sysdeps` (libjpeg-dev, libopencv-dev), then `pip install --no-build-isolation -e .`")
+# The wheel is built to the manylinux_2_35 policy (make wheelhouse): glibc >= 2.35, libstdc++ of GCC >= 12.
+REQUIREMENT = "glibc >= 2.35 and libstdc++ with GLIBCXX_3.4.30 (GCC 12 or newer), as on Debian 12 or Ubuntu 22.04+"
+NOT_BUILT = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
+             "`make sysdeps` (libjpeg-dev, libopencv-dev), then `pip install --no-build-isolation -e .`, or install "
+             "fastpipe from the wheelhouse (README, 'GPU box, offline')")
 
 
-def _load():
+def _candidates() -> list[str]:
+    """This source tree's library (an editable install), then the installed wheel's: running from a copy of
+    the repository with fastpipe installed from the wheelhouse imports this tree's Python code, whose folder
+    holds no compiled library."""
+    found = []
     spec = importlib.util.find_spec("fastpipe.data._cropdecode")
-    if spec is None or spec.origin is None:
-        return None
+    if spec is not None and spec.origin:
+        found.append(spec.origin)
     try:
-        return ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
+        files = metadata.distribution("fastpipe").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    found += [str(file.locate()) for file in files if file.name.startswith("_cropdecode") and file.suffix == ".so"]
+    return list(dict.fromkeys(found))
 
 
-_lib = _load()
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why it is missing: not built, or which system requirement the load failed on)."""
+    errors = []
+    for path in _candidates():
+        try:
+            return ctypes.CDLL(path), ""
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    if not errors:
+        return None, NOT_BUILT
+    needs = f"; it needs {REQUIREMENT}" if any("GLIBC" in error for error in errors) else ""
+    return None, "the native crop decoder could not be loaded (" + "; ".join(errors) + ")" + needs
+
+
+_lib, MISSING = _load()
 
 
 def available() -> bool:
