@@ -217,6 +217,20 @@ def split_large(dest: Path) -> list[Path]:
     return large
 
 
+def carry_plan(dest: Path, python_tag: str = "cp312", limit_mb: int = 56, paths: int = 7) -> list[list[str]]:
+    """The box's files (its Python's wheels, pure ones, parts) in groups a device call can carry: at most
+    64 MiB with the tree and 8 paths per call. One line of CARRY.txt per call, largest files first."""
+    files = sorted((path for path in [*dest.glob("*.whl"), *dest.glob("parts/*")]
+                    if "-cp3" not in path.name or f"-{python_tag}-" in path.name),
+                   key=lambda path: -path.stat().st_size)
+    groups: list[list[Path]] = []
+    for path in files:
+        fits = [group for group in groups if len(group) < paths
+                and sum(item.stat().st_size for item in group) + path.stat().st_size <= limit_mb * 2**20]
+        fits[0].append(path) if fits else groups.append([path])
+    return [[str(path.relative_to(dest.parent)) for path in group] for group in groups]
+
+
 def built_wheels(python: str, dest: Path, work: Path) -> list[Path]:
     tree = project_tree(work / "tree")
     work = work / "wheels"
@@ -259,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"# assumed on the box (version unknown there; the stand-in box checks it): {text}"
               for text in assumed.values()]
     (args.out / "CARRIED.txt").write_text("\n".join(lines) + "\n")
+    plan = carry_plan(args.out)
+    (args.out / "CARRY.txt").write_text("".join(" ".join(group) + "\n" for group in plan))
+    print(f"the box's share in {len(plan)} device calls: {args.out / 'CARRY.txt'}")
     print("\n".join(lines))
     total = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     print(f"wheelhouse: {args.out} {total / 2**20:.0f} MiB; split in parts: {', '.join(w.name for w in large) or 'none'}")
