@@ -89,12 +89,12 @@ def batch_sizes(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def loader_rate(config, res: int, setting: tuple, batches: int, runtime) -> float:
+def loader_images_per_second(config, res: int, setting: tuple, batches: int, runtime) -> float:
     from benchmarks.measure import measure_batches
-    from fastpipe.build import build_loader
+    from fastpipe.train.assemble import loader_for
 
     # the trainer's loader (augmentation included) with the trial's setting over it
-    loader = build_loader(config, "train", runtime, batch_size=config.data.batch_size, resolution=res,
+    loader = loader_for(config, "train", runtime, batch_size=config.data.batch_size, resolution=res,
                           **dict(setting))
     try:
         # Loaders prefetch a few batches while the first ones are consumed; untimed warm-up batches
@@ -130,7 +130,7 @@ def warm_up_loader(config, res: int, setting: tuple, runtime, budget: Budget) ->
     start = budget.clock()
     note = "untimed: imports + JIT"
     try:
-        loader_rate(config, res, setting, 1, runtime)
+        loader_images_per_second(config, res, setting, 1, runtime)
     except Exception as exc:  # noqa: BLE001 - the search itself reports a broken setting
         note = f"warm-up failed: {type(exc).__name__}: {str(exc)[:120]}"
     return Trial(setting, -1, 1, None, budget.clock() - start, note, start - budget.start)
@@ -286,11 +286,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
-    from benchmarks.measure import resolve_device
+    from benchmarks.measure import device_type_or_exit
     from benchmarks.train_step import build_train_step
-    from fastpipe.build import build_runtime, usable_cores
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
+    from fastpipe.train.assemble import usable_cores
+    from fastpipe.train.runtime import build_runtime
 
     budget = Budget(args.budget_s)
     if args.budget_s <= 0 or not 1 <= args.min_batch_size <= args.max_batch_size:
@@ -304,7 +305,7 @@ def run(args) -> int:
     if reason := unavailable_backends([config.data.backend]).get(config.data.backend):
         raise SystemExit(f"error: data.backend of {args.config}: {reason}")
     console = make_console()
-    device = resolve_device(args.device)
+    device = device_type_or_exit(args.device)
     cores = args.max_workers or usable_cores()
     memory_limit = (args.memory_limit_gb or psutil.virtual_memory().total / 2**30 / 2) * 2**30
     # A batch that leaves fewer than MIN_STEPS_PER_EPOCH steps per epoch trains badly however fast it is.
@@ -329,7 +330,7 @@ def run(args) -> int:
                    if trial.rung == 0]
         search = successive_halving(
             candidates,
-            lambda setting, units, res=res: loader_rate(config, res, setting, units, runtime), share,
+            lambda setting, units, res=res: loader_images_per_second(config, res, setting, units, runtime), share,
             min_units=LOADER_MIN_BATCHES, first_estimate=min(earlier, default=0.0))
         phases.append(PhaseResult("loader", res, search, offset_s=share.start - budget.start))
         pending -= 1

@@ -285,9 +285,10 @@ def loader_rows(ctx: dict, deadline: Deadline) -> dict:
 
 
 def train_rows(ctx: dict, deadline: Deadline) -> dict:
-    from benchmarks.train_step import build_train_step, loader_rate, synthetic_rate
-    from fastpipe.build import build_loader, build_runtime
+    from benchmarks.train_step import build_train_step, fed_rate, synthetic_rate
     from fastpipe.config import load_config
+    from fastpipe.train.assemble import loader_for
+    from fastpipe.train.runtime import build_runtime
 
     sizes, notes, rows, failures = ctx["sizes"], [], [], []
     data = ctx["data"]["raw"]
@@ -309,9 +310,9 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
                 if not deadline.check(f"{arch} fed by {backend} ({storage})", notes):
                     continue
                 try:
-                    loader = build_loader(config, "train", runtime, backend=backend, data=str(path),
+                    loader = loader_for(config, "train", runtime, backend=backend, data=str(path),
                                           batch_size=batch, resolution=sizes.train_res)
-                    rate = loader_rate(step, loader, sizes.train_steps, warmup=2)
+                    rate = fed_rate(step, loader, sizes.train_steps, warmup=2)
                 except Exception as exc:  # noqa: BLE001 - one feed failing must not lose the others
                     failures.append(f"{arch} fed by {backend} ({storage}): {type(exc).__name__}: {exc}")
                     continue
@@ -368,7 +369,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from fastpipe.build import usable_cores
+    from fastpipe.train.assemble import usable_cores
 
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     if unknown := skip - set(PHASES):

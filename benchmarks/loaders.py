@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.machine import machine_info
-from benchmarks.measure import device_name, resolve_device, time_epoch
+from benchmarks.measure import device_name, device_type_or_exit, time_epoch
 from benchmarks.report import TABLE_COLUMNS, make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 
@@ -291,7 +291,7 @@ def run(args) -> int:
         check_beton(args.data, args.split)
     except BetonError as exc:
         raise SystemExit(f"error: {exc}") from None
-    device = resolve_device(args.device)
+    device = device_type_or_exit(args.device)
     options = parse_backend_options(args.option)
     cases = [LoaderCase(backend, res, count, args.batch_size, args.split)
              for backend, res, count in itertools.product(backends, resolutions, workers)]

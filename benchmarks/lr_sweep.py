@@ -40,7 +40,7 @@ def rule_suggestions(run_dir: Path, steps: int, lr_scale: float) -> dict[str, fl
     """Every rule's peak LR, from the sweep an lr = "auto" run wrote to lr_finder.csv."""
     import pandas as pd
 
-    from fastpipe.lr_finder import read_curve
+    from fastpipe.train.lr_finder import read_curve
 
     curve = pd.read_csv(run_dir / "lr_finder.csv")
     result = read_curve(curve["lr"].tolist(), curve["loss"].tolist(), steps=steps)
@@ -103,7 +103,7 @@ def _geomean(values: list[float | None]) -> float | None:
 
 
 def _rule() -> str:
-    from fastpipe.lr_finder import SUGGESTION_RULE
+    from fastpipe.train.lr_finder import SUGGESTION_RULE
 
     return SUGGESTION_RULE
 

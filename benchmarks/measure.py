@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 
-def resolve_device(device: str) -> str:
+def device_type_or_exit(device: str) -> str:
     """--device as "cpu" or "cuda"; a clear exit when it cannot be had."""
-    from fastpipe.data.device import resolve_device as resolve
+    from fastpipe.data.device import resolve_device
 
     try:
-        return resolve(device, "--device").type
+        return resolve_device(device, "--device").type
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -20,7 +20,7 @@ COLUMNS = {"backend": "feed", "res": "res", "workers": "workers", "batch_size": 
 
 @dataclass
 class BenchStep:
-    """The trainer's own step (`fastpipe.build.build_step`) on the trainer's model, with a device sync
+    """The trainer's own step (`fastpipe.train.assemble.build_step`) on the trainer's model, with a device sync
     for the ends of timed spans."""
     training: object
     device: str
@@ -47,8 +47,9 @@ class BenchStep:
 
 def build_train_step(config, num_classes: int, device: str) -> BenchStep:
     """Model, compile settings, channels-last, precision, optimizer, schedule and step exactly as
-    `fastpipe.train` builds them (`fastpipe.build`), on `device`."""
-    from fastpipe.build import build_benchmark_training, build_runtime
+    `fastpipe.train` builds them (`fastpipe.train.assemble`), on `device`."""
+    from fastpipe.train.assemble import build_benchmark_training
+    from fastpipe.train.runtime import build_runtime
 
     runtime = build_runtime(config, device=device)
     return BenchStep(build_benchmark_training(config, num_classes, runtime), runtime.device_type,
@@ -90,7 +91,7 @@ def synthetic_rate(step: BenchStep, batch_size: int, resolution: int, num_classe
                       steps, warmup)
 
 
-def loader_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
+def fed_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
     from benchmarks.measure import cycle_epochs
 
     batches = cycle_epochs(loader)
@@ -100,7 +101,7 @@ def loader_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
         batches.close()
 
 
-STEP_NOTE = ("the trainer's own step (fastpipe.build.build_step): same compile settings (static shapes, one "
+STEP_NOTE = ("the trainer's own step (fastpipe.train.assemble.build_step): same compile settings (static shapes, one "
              "graph per shape), channels-last, precision, fused optimizer and schedule")
 ACCEPTS_CONFIG_OVERRIDES = True   # `--data.path=...` style arguments go to load_config
 
@@ -119,10 +120,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from benchmarks.loaders import unavailable_backends
-    from benchmarks.measure import device_name, resolve_device
-    from fastpipe.build import build_loader, build_runtime, data_workers
+    from benchmarks.measure import device_name, device_type_or_exit
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError, read_manifest
+    from fastpipe.train.assemble import data_workers, loader_for
+    from fastpipe.train.runtime import build_runtime
 
     try:
         config = load_config(args.config, overrides=getattr(args, "overrides", []), tune=args.tune)
@@ -131,7 +133,7 @@ def run(args) -> int:
     if args.steps < 1:
         raise SystemExit("error: --steps must be at least 1")
     console = make_console()
-    device = resolve_device(args.device)
+    device = device_type_or_exit(args.device)
     resolution = args.res or config.schedule_for_resolution().resolution_at(0)
     batch_size = args.batch_size or config.data.batch_size
     workers = args.workers or data_workers(config)
@@ -158,9 +160,9 @@ def run(args) -> int:
         console.print(f"training step fed by {backend} ...")
         try:
             with ResourceSampler() as usage:
-                loader = build_loader(config, "train", loader_runtime, backend=backend, batch_size=batch_size,
+                loader = loader_for(config, "train", loader_runtime, backend=backend, batch_size=batch_size,
                                       resolution=resolution, workers=workers, distributed=False)
-                rate = loader_rate(step, loader, args.steps, warmup=2)
+                rate = fed_rate(step, loader, args.steps, warmup=2)
                 del loader
                 gc.collect()
         except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the other figures

@@ -24,7 +24,7 @@ except ModuleNotFoundError:   # Python 3.10: the same parser, as a package
 
 import tomli_w
 
-from fastpipe.schedule import ResolutionSchedule, Stage
+from fastpipe.train.resolution import ResolutionSchedule, Stage
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastpipe.class_report import class_names, write_class_report, write_predictions  # noqa: F401 - public API
+from fastpipe.report.classes import class_names, write_class_report, write_predictions  # noqa: F401 - public API
 
 
 @dataclass
@@ -110,13 +110,14 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                  out_dir: Path | None = None) -> dict:
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
-    from fastpipe.build import build_loader, build_model, build_runtime
-    from fastpipe.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
-    from fastpipe.class_report import eval_summary
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import write_json_atomic
     from fastpipe.model import stem_of
-    from fastpipe.report import environment
+    from fastpipe.report.classes import eval_summary
+    from fastpipe.report.run import environment
+    from fastpipe.train.assemble import build_model, loader_for
+    from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
+    from fastpipe.train.runtime import build_runtime
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")
@@ -136,7 +137,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                               f"{config.model.width}, model.blurpool={config.model.blurpool}: "
                               f"{str(err).splitlines()[0]}") from err
     data, precision = config.data, runtime.precision
-    loader = build_loader(config, "val", runtime)
+    loader = loader_for(config, "val", runtime)
     if list(loader.classes) != classes:
         raise CheckpointError(f"{path} was trained on other classes than {data.path} holds; point "
                               f"--data.path at the data set the run used.")
@@ -154,9 +155,9 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastpipe.checkpoint import CheckpointError
     from fastpipe.config import ConfigError, argument_parser
     from fastpipe.data.beton import BetonError
+    from fastpipe.train.checkpoint import CheckpointError
 
     parser = argument_parser("python -m fastpipe.evaluate", "Re-evaluate a training run's checkpoint on the "
                              "val split and write the full report.",

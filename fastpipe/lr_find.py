@@ -8,30 +8,18 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from fastpipe.lr_finder import LRFinderResult, find_lr
-
-
-def sweep(config, runtime, training, loader, plan, out_dir: Path | None) -> LRFinderResult:
-    """The range test on a built run (`fastpipe.build.Training`) at `plan`'s resolution and batch size."""
-    from fastpipe.build import build_criterion
-
-    loader.set_resolution(plan.resolution)
-    loader.set_batch_size(plan.batch_size)
-    finder, scaler = config.lr_finder, runtime.precision.scaler
-    return find_lr(training.train_model, training.optimizer, build_criterion(config), loader,
-                   start_lr=finder.start_lr, end_lr=finder.end_lr, steps=finder.steps,
-                   autocast=runtime.precision.autocast, scaler=scaler if scaler.is_enabled() else None,
-                   out_dir=out_dir)
+from fastpipe.train.lr_finder import LRFinderResult, sweep
 
 
 def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
     """Build as `fastpipe.train` does (one process) and sweep. Returns the result and the first epoch's
     LR scale, which converts the suggestion (at the first epoch's batch size) into `optim.lr`."""
-    from fastpipe.build import build_loader, build_runtime, build_training
-    from fastpipe.optim import plan_epochs
+    from fastpipe.train.assemble import build_training, loader_for
+    from fastpipe.train.optim import plan_epochs
+    from fastpipe.train.runtime import build_runtime
 
     runtime = build_runtime(config)
-    loader = build_loader(config, "train", runtime)
+    loader = loader_for(config, "train", runtime)
     first_epoch = plan_epochs(config, loader.num_samples)[0]
     training = build_training(config, len(loader.classes), runtime, log=lambda message: None)
     return sweep(config, runtime, training, loader, first_epoch, out_dir), first_epoch.lr_scale
@@ -50,9 +38,9 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastpipe.checkpoint import CheckpointError
     from fastpipe.config import ConfigError, load_config
     from fastpipe.data.beton import BetonError
+    from fastpipe.train.checkpoint import CheckpointError
 
     args, overrides = parse_args(argv)
     try:

@@ -174,7 +174,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def summarize(model: nn.Module, resolution: int, *, device: torch.device | str = "cpu") -> tuple[str, int]:
+def model_summary(model: nn.Module, resolution: int, *, device: torch.device | str = "cpu") -> tuple[str, int]:
     """A text table of the top-level layers (output shape, parameters, forward FLOPs) for one image at
     `resolution`, and the total forward FLOPs per image."""
     shapes: dict[str, tuple] = {}

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastpipe.checkpoint import (
+from fastpipe.model import build_resnet
+from fastpipe.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from fastpipe.model import build_resnet
 
 
 def small_state():

@@ -136,9 +136,9 @@ def test_to_toml_escapes_control_characters():
 def test_every_augment_key_reaches_the_loaders_or_the_step():
     import torch
 
-    from fastpipe.build import Runtime, build_mix, loader_args
-    from fastpipe.distributed import DistInfo
-    from fastpipe.runtime import resolve_precision
+    from fastpipe.train.assemble import build_mix, loader_args
+    from fastpipe.train.distributed import DistInfo
+    from fastpipe.train.runtime import Runtime, resolve_precision
 
     config = load_config(None, {"augment": {"min_scale": 0.3, "max_scale": 0.6, "ratio": [0.5, 2.0],
                                             "flip": False, "mixup": 0.2, "cutmix": 0.0}})

@@ -90,7 +90,7 @@ def test_train_evaluate_and_benchmark_run_on_adopted_betons(imagenet_style, tmp_
     from benchmarks.__main__ import main as bench_main
     from fastpipe.config import load_config
     from fastpipe.evaluate import evaluate_run
-    from fastpipe.report import RunReport
+    from fastpipe.report.run import RunReport
     from fastpipe.train import Trainer
 
     if not (imagenet_style / "manifest.json").exists():

@@ -243,6 +243,7 @@ def test_loader_follows_resolution_changes_with_the_crop_decoder(tmp_path):
 def test_asking_for_the_crop_decoder_without_the_library_says_how_to_build_it(tmp_path, monkeypatch):
     data = write_dataset(tmp_path, train=8, val=8)
     monkeypatch.setattr(crop_decode, "_lib", None)
+    monkeypatch.setattr(crop_decode, "MISSING", crop_decode.NOT_BUILT)
     with pytest.raises(RuntimeError, match="make sysdeps"):
         build_loader("ffcv", data=data, batch_size=4, resolution=32, workers=1, decoder="crop")
     with pytest.warns(UserWarning, match="stock decoder"):

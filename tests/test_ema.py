@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fastpipe.checkpoint import evaluation_weights, load_checkpoint, save_checkpoint
 from fastpipe.config import load_config
-from fastpipe.ema import WeightAverage
 from fastpipe.evaluate import evaluate_run
-from fastpipe.report import RunReport
+from fastpipe.report.run import RunReport
 from fastpipe.train import Trainer
+from fastpipe.train.checkpoint import evaluation_weights, load_checkpoint, save_checkpoint
+from fastpipe.train.ema import WeightAverage
 
 TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--resolution.end=32",
         "--resolution.val=32", "--schedule.epochs=2", "--train.log_every=100", "--optim.lr=0.1",

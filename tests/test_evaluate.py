@@ -135,10 +135,10 @@ def test_evaluate_takes_sample_paths_from_an_unshuffled_loader():
 @pytest.fixture(scope="module")
 def saved_run(betons, tmp_path_factory):
     """A run directory as the trainer leaves it (config.toml + best.pt), with untrained weights."""
-    from fastpipe.checkpoint import save_checkpoint
     from fastpipe.config import load_config, to_toml
     from fastpipe.data.beton import read_manifest
     from fastpipe.model import build_resnet
+    from fastpipe.train.checkpoint import save_checkpoint
 
     run_dir = tmp_path_factory.mktemp("run")
     config = load_config("cpu-smoke.toml", [f"--data.path={betons}", "--data.backend=torch", "--data.workers=1",

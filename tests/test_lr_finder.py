@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from fastpipe.lr_finder import find_lr
+from fastpipe.train.lr_finder import find_lr
 
 FEATURES, CLASSES, SAMPLES, BATCH = 16, 4, 1024, 32
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from fastpipe.class_report import confused_subset, confusion_matrix, per_class_table
 from fastpipe.evaluate import EvalResult
-from fastpipe.report import METRIC_KEYS, PLOTS, RunReport
+from fastpipe.report.classes import confused_subset, confusion_matrix, per_class_table
+from fastpipe.report.run import METRIC_KEYS, PLOTS, RunReport
 
 
 def epoch_metrics(epoch: int) -> dict:

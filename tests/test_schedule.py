@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastpipe.schedule import ResolutionSchedule, Stage, batch_size_at, resolution_at
+from fastpipe.train.resolution import ResolutionSchedule, Stage, batch_size_at, resolution_at
 
 
 def test_ramp_holds_start_then_climbs_in_multiples_of_32_then_holds_end():

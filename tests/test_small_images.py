@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from fastpipe.build import build_model, build_runtime, resolve_stem
-from fastpipe.checkpoint import CheckpointError, save_checkpoint
 from fastpipe.config import load_config
-from fastpipe.lr_finder import EDGE_RISE, read_curve
 from fastpipe.model import build_resnet, stem_of
+from fastpipe.train.assemble import build_model, resolve_stem
+from fastpipe.train.checkpoint import CheckpointError, save_checkpoint
+from fastpipe.train.lr_finder import EDGE_RISE, read_curve
+from fastpipe.train.runtime import build_runtime
 
 
 def stage_sizes(model: nn.Module, resolution: int) -> dict[str, int]:

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-import fastpipe.build
+import fastpipe.train.assemble
 from fastpipe.config import load_config
-from fastpipe.report import RunReport
+from fastpipe.report.run import RunReport
 from fastpipe.train import Trainer
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -118,14 +118,14 @@ def test_the_trainer_and_the_train_step_benchmark_get_their_step_from_the_same_b
     from benchmarks.train_step import build_train_step, synthetic_rate
 
     built = []
-    original = fastpipe.build.build_step
+    original = fastpipe.train.assemble.build_step
 
     def spy(config, runtime, *args, **kwargs):
         step = original(config, runtime, *args, **kwargs)
         built.append((config.model.arch, step))
         return step
 
-    monkeypatch.setattr(fastpipe.build, "build_step", spy)
+    monkeypatch.setattr(fastpipe.train.assemble, "build_step", spy)
     config = small_run(betons, "--data.batch_size=16", "--schedule.epochs=1", "--model.compile=true",
                        "--model.compile_backend=aot_eager")
     trainer = Trainer(config, tmp_path / "run")
@@ -140,7 +140,8 @@ def test_the_trainer_and_the_train_step_benchmark_get_their_step_from_the_same_b
 
 
 def test_fused_optimizer_skips_the_update_on_the_device_after_a_non_finite_loss(betons):
-    from fastpipe.build import build_benchmark_training, build_runtime
+    from fastpipe.train.assemble import build_benchmark_training
+    from fastpipe.train.runtime import build_runtime
 
     config = small_run(betons, "--data.batch_size=8")
     training = build_benchmark_training(config, 4, build_runtime(config))
@@ -161,7 +162,8 @@ def test_fused_optimizer_skips_the_update_on_the_device_after_a_non_finite_loss(
 
 
 def test_a_skipped_first_step_leaves_zero_momentum_not_uninitialised_memory(betons):
-    from fastpipe.build import build_benchmark_training, build_runtime
+    from fastpipe.train.assemble import build_benchmark_training
+    from fastpipe.train.runtime import build_runtime
 
     config = small_run(betons, "--data.batch_size=8")
     training = build_benchmark_training(config, 4, build_runtime(config))
@@ -173,8 +175,9 @@ def test_a_skipped_first_step_leaves_zero_momentum_not_uninitialised_memory(beto
 
 
 def test_restored_optimizer_stays_fused_whatever_the_checkpoint_says(betons):
-    from fastpipe.build import build_benchmark_training, build_runtime
-    from fastpipe.checkpoint import restore_training, training_state
+    from fastpipe.train.assemble import build_benchmark_training
+    from fastpipe.train.checkpoint import restore_training, training_state
+    from fastpipe.train.runtime import build_runtime
 
     config = small_run(betons, "--data.batch_size=8")
     training = build_benchmark_training(config, 4, build_runtime(config))
@@ -190,8 +193,8 @@ def test_restored_optimizer_stays_fused_whatever_the_checkpoint_says(betons):
 
 
 def test_fp16_loss_scale_goes_back_to_its_last_healthy_value_after_a_non_finite_stop():
-    from fastpipe.runtime import resolve_precision
-    from fastpipe.step import TrainStep
+    from fastpipe.train.runtime import resolve_precision
+    from fastpipe.train.step import TrainStep
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)

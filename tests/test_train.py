@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fastpipe.checkpoint import load_checkpoint
 from fastpipe.config import load_config
-from fastpipe.report import RunReport
+from fastpipe.report.run import RunReport
 from fastpipe.train import Trainer, TrainingError, main
+from fastpipe.train.checkpoint import load_checkpoint
 
 TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--resolution.end=32",
         "--resolution.val=32", "--schedule.epochs=2", "--train.log_every=100", "--optim.lr=0.1"]

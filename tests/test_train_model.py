@@ -12,11 +12,11 @@ from fastpipe.model import (
     apply_freeze,
     build_resnet,
     load_weights,
+    model_summary,
     parameter_groups,
     set_train_mode,
-    summarize,
 )
-from fastpipe.optim import build_optimizer, build_scheduler, plan_epochs, rescale_lr
+from fastpipe.train.optim import build_optimizer, build_scheduler, plan_epochs, rescale_lr
 
 
 def test_blurpool_wraps_strided_convs_and_keeps_weight_names():
@@ -64,8 +64,8 @@ def test_fine_tune_load_replaces_the_head_when_class_count_differs():
 
 def test_summary_counts_flops_growing_with_resolution():
     model = build_resnet("resnet18", 4)
-    text, small = summarize(model, 32)
-    _, large = summarize(model, 64)
+    text, small = model_summary(model, 32)
+    _, large = model_summary(model, 64)
     assert "layer4" in text and "parameters:" in text
     assert large == pytest.approx(4 * small, rel=0.1)   # convolution FLOPs scale with the pixel count
 

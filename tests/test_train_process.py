@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fastpipe.checkpoint import load_checkpoint
 from fastpipe.config import load_config
 from fastpipe.train import Trainer
+from fastpipe.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--data.backend=torch", "--data.workers=1", "--data.batch_size=8", "--resolution.start=32",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastpipe.schedule import MIN_RESOLUTION
+from fastpipe.train.resolution import MIN_RESOLUTION
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,37 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastpipe import distributed as dist_utils
 from fastpipe.config import SMALL_IMAGE_MAX_RESOLUTION, Config
-from fastpipe.data.device import resolve_device
-from fastpipe.runtime import Precision, TrainingError, configure_backends, resolve_precision, seed_everything
-from fastpipe.step import TrainStep
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how a run computes."""
-    device: torch.device
-    precision: Precision
-    dist: dist_utils.DistInfo
-
-    @property
-    def device_type(self) -> str:
-        return self.device.type
-
-
-def build_runtime(config: Config, *, distributed: bool = False, device: str | None = None) -> Runtime:
-    """Device (joining torchrun's process group when `distributed`), backend flags, seeds and precision.
-    `device` overrides train.device (the benchmarks' --device flag)."""
-    try:
-        device_type = resolve_device(device or config.train.device,
-                                     "--device" if device else "train.device").type
-    except (RuntimeError, ValueError) as err:
-        raise TrainingError(str(err)) from None
-    info = dist_utils.init(device_type) if distributed else dist_utils.DistInfo()
-    configure_backends(device_type, config.train.deterministic)
-    seed_everything(config.train.seed + info.rank, config.train.deterministic)
-    return Runtime(dist_utils.device_for(info, device_type), resolve_precision(config.train.amp, device_type), info)
+from fastpipe.train.runtime import Runtime
+from fastpipe.train.step import TrainStep
 
 
 # ------------------------------------------------------------------------------------------- loaders
@@ -57,8 +29,8 @@ def data_workers(config: Config) -> int:
 
 
 def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:
-    """`build_loader` keyword arguments for `split`: the train split gets the first epoch's resolution and
-    batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
+    """`fastpipe.data.build_loader` keyword arguments for `split`: the train split gets the first epoch's
+    resolution and batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
     benchmark's resolution, workers, backend options ...) replace single entries."""
     data, augment = config.data, config.augment
     args = dict(backend=data.backend, data=data.path, split=split, workers=data_workers(config), device=str(runtime.device),
@@ -78,7 +50,7 @@ def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> di
     return args
 
 
-def build_loader(config: Config, split: str, runtime: Runtime, **overrides):
+def loader_for(config: Config, split: str, runtime: Runtime, **overrides):
     from fastpipe.data import build_loader as build
 
     return build(**loader_args(config, split, runtime, **overrides))
@@ -100,8 +72,8 @@ def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from
     """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
     torchvision ResNet with the config's stem and width, BlurPool, optional fine-tune initialisation,
     freezing. `stem` (a checkpoint's) replaces the one the config resolves to."""
-    from fastpipe.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
     from fastpipe.model import apply_freeze, build_resnet, load_weights, stem_of
+    from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
 
     stem = stem or resolve_stem(config)[0]
     model = build_resnet(config.model.arch, num_classes, stem=stem, width=config.model.width,
@@ -170,7 +142,7 @@ class Training:
     train_model: nn.Module
     compile_counter: object
     optimizer: torch.optim.Optimizer
-    ema: object = None                  # fastpipe.ema.WeightAverage when model.ema_decay > 0
+    ema: object = None                  # fastpipe.train.ema.WeightAverage when model.ema_decay > 0
     scheduler: object = None
     step: TrainStep | None = None
 
@@ -179,13 +151,13 @@ def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_f
                    log=print) -> Training:
     """Model, training wrapper and optimizer. The schedule and step follow with `schedule_training`
     once the peak LR is known (optim.lr = "auto" runs the LR finder on this model first)."""
-    from fastpipe.optim import build_optimizer
+    from fastpipe.train.optim import build_optimizer
 
     model = build_model(config, num_classes, runtime, init_from=init_from, stem=stem, log=log)
     train_model, counter = wrap_for_training(model, config, runtime)
     ema = None
     if config.model.ema_decay > 0:
-        from fastpipe.ema import WeightAverage
+        from fastpipe.train.ema import WeightAverage
 
         ema = WeightAverage(model, config.model.ema_decay)
     return Training(model, train_model, counter, build_optimizer(model, config), ema)
@@ -193,7 +165,7 @@ def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_f
 
 def schedule_training(training: Training, config: Config, runtime: Runtime, num_classes: int, peak_lr: float,
                       total_steps: int) -> Training:
-    from fastpipe.optim import build_scheduler
+    from fastpipe.train.optim import build_scheduler
 
     training.scheduler = build_scheduler(training.optimizer, config, peak_lr, total_steps)
     training.step = build_step(config, runtime, training.train_model, training.optimizer, training.scheduler,

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastpipe.train.assemble import build_criterion
+
 SKIP_END = 5  # the last few points of a sweep are the blow-up, not the slope we want
 RULES = ("edge", "steepest", "min_loss_div10", "valley", "min_loss", "min_loss_div2")
 SUGGESTION_RULE = "edge"   # chosen by `python -m benchmarks lr-sweep`: see README, "Small images"
@@ -101,6 +103,18 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
         result.csv_path = write_csv(result, out_dir / "lr_finder.csv")
         result.png_path = plot(result, out_dir / "lr_finder.png")
     return result
+
+
+def sweep(config, runtime, training, loader, plan, out_dir: Path | None) -> LRFinderResult:
+    """The range test on a built run (`fastpipe.train.assemble.Training`) at `plan`'s resolution and batch size."""
+
+    loader.set_resolution(plan.resolution)
+    loader.set_batch_size(plan.batch_size)
+    finder, scaler = config.lr_finder, runtime.precision.scaler
+    return find_lr(training.train_model, training.optimizer, build_criterion(config), loader,
+                   start_lr=finder.start_lr, end_lr=finder.end_lr, steps=finder.steps,
+                   autocast=runtime.precision.autocast, scaler=scaler if scaler.is_enabled() else None,
+                   out_dir=out_dir)
 
 
 def read_curve(lrs: list[float], losses: list[float], *, steps: int, stopped_early: bool = False, reason: str = "",

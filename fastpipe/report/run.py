@@ -1,5 +1,5 @@
 """Run reports: console + train.log, metrics.csv, TensorBoard, log.md, PNG plots, summary.json (the class
-report itself lives in fastpipe.class_report).
+report itself lives in fastpipe.report.classes).
 
 Accuracies are fractions in [0, 1] everywhere (files, TensorBoard); the console and Markdown show percent.
 Only rank 0 should write: pass `enabled=False` elsewhere and every method does nothing.
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure  # object API: thread-safe, no pyplot state
 from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
-from fastpipe.class_report import eval_summary, write_class_report
+from fastpipe.report.classes import eval_summary, write_class_report
 from fastpipe.versions import cpu_model, package_versions
 
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
@@ -153,7 +153,7 @@ class RunReport:
             return {}
         from fastpipe.data.beton import write_json_atomic
 
-        payload = {"run_dir": str(self.run_dir.resolve()), **summarize(self.history)}
+        payload = {"run_dir": str(self.run_dir.resolve()), **summarize_history(self.history)}
         if eval_result is not None:
             payload["eval"] = eval_summary(eval_result, self.classes)
             payload["files"] = {k: str(v) for k, v in
@@ -181,7 +181,7 @@ class RunReport:
             self.writer = None
 
 
-def summarize(history: pd.DataFrame) -> dict:
+def summarize_history(history: pd.DataFrame) -> dict:
     """Best/final accuracy, total time and mean throughput from the per-epoch table."""
     if history.empty:
         return {"epochs": 0}

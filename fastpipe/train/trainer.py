@@ -1,7 +1,5 @@
-"""`python -m fastpipe.train --config r50.toml [--section.key=value ...]`: train a ResNet on converted data.
-
-`Trainer` reads top to bottom: set-up, the epoch loop, one epoch, evaluation, checkpoints. Run it under
-`torchrun --nproc_per_node N -m fastpipe.train ...` for data-parallel training.
+"""`Trainer`: one training run. It reads top to bottom: set-up, the epoch loop, one epoch, evaluation,
+checkpoints. The command line is `fastpipe.train.cli` (`python -m fastpipe.train`).
 """
 from __future__ import annotations
 
@@ -9,50 +7,36 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import closing
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastpipe import distributed as dist_utils
-from fastpipe.build import (
-    Runtime,
-    build_loader,
-    build_runtime,
-    build_training,
-    resolve_stem,
-    schedule_training,
-)
-from fastpipe.checkpoint import (
+from fastpipe.config import Config, ConfigError, to_toml
+from fastpipe.model import model_summary, set_train_mode, stem_of
+from fastpipe.train import distributed as dist_utils
+from fastpipe.train.assemble import build_training, loader_for, resolve_stem, schedule_training
+from fastpipe.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     restore_training,
     save_checkpoint,
     training_state,
 )
-from fastpipe.config import Config, ConfigError, argument_parser, load_config, to_toml
-from fastpipe.data.beton import BetonError
-from fastpipe.data_wait import DataWait
-from fastpipe.model import set_train_mode, stem_of, summarize
-from fastpipe.optim import continue_schedule, plan_epochs, rescale_lr
-from fastpipe.runtime import StopRequest, TrainingError
-
-
-def default_run_dir(config: Config) -> Path:
-    return Path(config.run.dir or f"runs/{config.run.name}-{datetime.now():%Y%m%d-%H%M%S}")
+from fastpipe.train.data_wait import DataWait
+from fastpipe.train.optim import continue_schedule, plan_epochs, rescale_lr
+from fastpipe.train.runtime import Runtime, StopRequest, TrainingError, build_runtime
 
 
 class Trainer:
     """One training run: the loop over epochs and steps, evaluation, checkpoints and the report.
-    Its pieces (loaders, model, optimizer, schedule, step) come from `fastpipe.build`."""
+    Its pieces (loaders, model, optimizer, schedule, step) come from `fastpipe.train.assemble`."""
 
     def __init__(self, config: Config, run_dir: str | os.PathLike, *, resume: bool = False,
                  init_from: str | os.PathLike | None = None):
-        from fastpipe.report import RunReport
+        from fastpipe.report.run import RunReport
 
         self.config, self.run_dir = config, Path(run_dir)
         self.runtime: Runtime = build_runtime(config, distributed=True)
@@ -74,7 +58,7 @@ class Trainer:
         self.model, self.train_model, self.ema = training.model, training.train_model, training.ema
         self.optimizer, self.compile_counter = training.optimizer, training.compile_counter
         if self.main:
-            text, self.flops = summarize(self.model, self.plans[0].resolution, device=self.device)
+            text, self.flops = model_summary(self.model, self.plans[0].resolution, device=self.device)
             (self.run_dir / "model_summary.txt").write_text(f"{config.model.arch} (width {config.model.width}, "
                                                             f"{self.stem} stem), {len(self.classes)} classes\n\n"
                                                             f"{text}\n")
@@ -102,8 +86,8 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         """Sharded train loader on every rank; evaluation runs on rank 0 over the whole val split."""
-        self.train_loader = build_loader(self.config, "train", self.runtime)
-        self.val_loader = build_loader(self.config, "val", self.runtime) if self.main else None
+        self.train_loader = loader_for(self.config, "train", self.runtime)
+        self.val_loader = loader_for(self.config, "val", self.runtime) if self.main else None
         self.classes = list(self.train_loader.classes)
         samples = math.ceil(self.train_loader.num_samples / self.dist.world_size)
         try:
@@ -276,7 +260,7 @@ class Trainer:
 
     def find_lr(self) -> float:
         """optim.lr = "auto": an LR range test at the first epoch's resolution; its suggestion is the peak."""
-        from fastpipe.lr_find import sweep
+        from fastpipe.train.lr_finder import sweep
 
         result = sweep(self.config, self.runtime, self.training, self.train_loader, self.plans[0],
                        self.run_dir if self.main else None)
@@ -391,49 +375,3 @@ class Trainer:
         if self.device.type == "cuda":
             info += f"  mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
         return info
-
-
-def parse_args(argv: list[str] | None):
-    parser = argument_parser("python -m fastpipe.train", "Train a ResNet on converted data.",
-                             "python -m fastpipe.train --config r18.toml --optim.lr=0.4 --data.backend=dali")
-    parser.add_argument("--config", help="TOML file, or a name in configs/ (r50.toml, r18.toml, cpu-smoke.toml)")
-    parser.add_argument("--tune", help="TOML with the same sections merged over the config (from autotune)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR/last.pt at its next epoch")
-    parser.add_argument("--init-from", metavar="CKPT", help="start from these weights (fine-tuning)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_known_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    try:
-        config_path = args.config
-        if args.resume and not config_path:
-            config_path = Path(args.resume) / "config.toml"
-            if not config_path.is_file():
-                raise ConfigError(f"{args.resume} has no config.toml: is it a run directory?")
-        config = load_config(config_path, overrides, tune=args.tune)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_toml(config), end="")
-        return 0
-    run_dir = Path(args.resume) if args.resume else default_run_dir(config)
-    try:
-        return Trainer(config, run_dir, resume=bool(args.resume), init_from=args.init_from).fit()
-    except (BetonError, CheckpointError, TrainingError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(f"error: CUDA out of memory at data.batch_size={config.data.batch_size}, resolution up to "
-              f"{max(config.resolution.start, config.resolution.end, config.resolution.val)} px. Use a smaller "
-              f"batch (--data.batch_size={max(1, config.data.batch_size // 2)}) or find the largest that fits "
-              f"with `python -m benchmarks autotune`.", file=sys.stderr)
-        return 1
-    finally:
-        dist_utils.cleanup()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

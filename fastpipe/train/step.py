@@ -32,7 +32,7 @@ class TrainStep:
     def __init__(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, criterion,
                  precision, *, mix=None, total_steps: int, distributed: bool = False, ema=None):
         self.train_model, self.optimizer, self.scheduler = train_model, optimizer, scheduler
-        self.ema = ema   # fastpipe.ema.WeightAverage, updated after every optimizer step
+        self.ema = ema   # fastpipe.train.ema.WeightAverage, updated after every optimizer step
         self.criterion, self.precision, self.mix = criterion, precision, mix
         self.scaler = precision.scaler
         self.total_steps, self.distributed = total_steps, distributed

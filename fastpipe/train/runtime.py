@@ -1,4 +1,4 @@
-"""Where and how a run computes: device choice, one precision path (autocast + GradScaler), seeding and
+"""Where and how a run computes (`Runtime`, `build_runtime`): device choice, process group, one precision path (autocast + GradScaler), seeding and
 backend flags, and a signal handler that asks the training loop to stop at the next step.
 """
 from __future__ import annotations
@@ -12,6 +12,10 @@ from functools import partial
 
 import numpy as np
 import torch
+
+from fastpipe.config import Config
+from fastpipe.data.device import resolve_device
+from fastpipe.train import distributed as dist_utils
 
 
 class TrainingError(RuntimeError):
@@ -76,3 +80,29 @@ def configure_backends(device_type: str, deterministic: bool) -> None:
         torch.set_float32_matmul_precision("high")   # TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True          # TF32 convolutions
         torch.backends.cudnn.benchmark = not deterministic
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes."""
+    device: torch.device
+    precision: Precision
+    dist: dist_utils.DistInfo
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def build_runtime(config: Config, *, distributed: bool = False, device: str | None = None) -> Runtime:
+    """Device (joining torchrun's process group when `distributed`), backend flags, seeds and precision.
+    `device` overrides train.device (the benchmarks' --device flag)."""
+    try:
+        device_type = resolve_device(device or config.train.device,
+                                     "--device" if device else "train.device").type
+    except (RuntimeError, ValueError) as err:
+        raise TrainingError(str(err)) from None
+    info = dist_utils.init(device_type) if distributed else dist_utils.DistInfo()
+    configure_backends(device_type, config.train.deterministic)
+    seed_everything(config.train.seed + info.rank, config.train.deterministic)
+    return Runtime(dist_utils.device_for(info, device_type), resolve_precision(config.train.amp, device_type), info)
