@@ -97,7 +97,7 @@ def last_epoch_wait(betons, run_dir, batch_delay: float, step_delay: float) -> t
     """(seconds the last epoch waited for data, its steps)."""
     trainer = Trainer(small_run(betons, "--data.batch_size=16", "--schedule.epochs=2"), run_dir)
     trainer.train_loader = ReplayLoader(trainer.train_loader, batch_delay)
-    trainer.step = SlowStep(trainer.step, step_delay)
+    trainer.train_step = SlowStep(trainer.train_step, step_delay)
     assert trainer.fit() == 0
     last = pd.read_csv(run_dir / "metrics.csv").iloc[-1]
     return float(last["data_wait_pct"]) / 100 * float(last["epoch_time_s"]), trainer.plans[-1].steps
@@ -131,8 +131,8 @@ def test_the_trainer_and_the_train_step_benchmark_get_their_step_from_the_same_b
     trainer = Trainer(config, tmp_path / "run")
     bench = build_train_step(config, num_classes=4, device="cpu")
     assert [arch for arch, _ in built] == ["resnet18", "resnet18"]
-    assert built[0][1] is trainer.step and built[1][1] is bench.training.step
-    assert type(trainer.step) is type(bench.training.step)
+    assert built[0][1] is trainer.train_step and built[1][1] is bench.training.step
+    assert type(trainer.train_step) is type(bench.training.step)
     # the same compile settings: static shapes, so one graph per shape in both
     synthetic_rate(bench, 8, 32, 4, steps=2)
     synthetic_rate(bench, 8, 48, 4, steps=2)

@@ -161,14 +161,14 @@ def test_a_planted_nan_stops_the_run_within_one_log_interval_with_weights_from_b
     # 96 images / batch 16 = 6 steps an epoch; the loss turns NaN from step 4 of epoch 2 (global step 10).
     # Log points (log_every=4): global steps 4, 6 (epoch end), 8, 12.
     trainer = Trainer(tiny_config(betons, "--train.log_every=4"), tmp_path / "run")
-    criterion, forwards = trainer.step.criterion, []
+    criterion, forwards = trainer.train_step.criterion, []
 
     def snapshot(module, args):
         if module.training:
             forwards.append({k: v.detach().clone() for k, v in module.state_dict().items()})
 
     trainer.model.register_forward_pre_hook(snapshot)
-    trainer.step.criterion = lambda logits, targets: criterion(logits, targets) * (
+    trainer.train_step.criterion = lambda logits, targets: criterion(logits, targets) * (
         float("nan") if len(forwards) >= 10 else 1.0)
     with pytest.raises(TrainingError, match=r"non-finite at step 10 .*lr [0-9.]+.*lower --optim.lr") as error:
         trainer.fit()
@@ -192,7 +192,7 @@ def test_a_finished_run_trains_longer_on_the_schedule_rebuilt_for_the_new_length
     first = json.loads((run_dir / "summary.json").read_text())
     longer = tiny_config(betons, f"--run.dir={run_dir}", "--schedule.epochs=4")
     resumed = Trainer(longer, run_dir, resume=True)
-    assert resumed.start_epoch == 2 and resumed.scheduler.total_steps == 4 * 6
+    assert resumed.run.start_epoch == 2 and resumed.scheduler.total_steps == 4 * 6
     # the LR where a 4-epoch one-cycle run stands after 12 of its 24 steps
     planned = Trainer(longer, tmp_path / "planned")
     for _ in range(12):
@@ -217,7 +217,7 @@ def test_resuming_a_finished_run_says_how_to_train_longer_and_keeps_its_summary(
 
 def test_a_stop_signal_after_a_nan_between_log_points_does_not_save_poisoned_weights(betons, tmp_path):
     trainer = Trainer(tiny_config(betons, "--train.log_every=100"), tmp_path / "run")
-    criterion, forwards = trainer.step.criterion, []
+    criterion, forwards = trainer.train_step.criterion, []
 
     def snapshot_then_sigterm(module, args):
         if module.training:
@@ -226,7 +226,7 @@ def test_a_stop_signal_after_a_nan_between_log_points_does_not_save_poisoned_wei
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer.model.register_forward_pre_hook(snapshot_then_sigterm)
-    trainer.step.criterion = lambda logits, targets: criterion(logits, targets) * (
+    trainer.train_step.criterion = lambda logits, targets: criterion(logits, targets) * (
         float("nan") if len(forwards) >= 3 else 1.0)
     with pytest.raises(TrainingError, match="non-finite at step 3"):
         trainer.fit()   # the stop reads the counters first, so the NaN is found and reported

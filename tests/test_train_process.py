@@ -59,7 +59,7 @@ def test_sigterm_saves_last_checkpoint_prints_the_resume_command_and_exits_zero(
     state = load_checkpoint(run_dir / "last.pt")
     assert not state["completed"] and state["step"] >= 1
     resumed = Trainer(load_config(run_dir / "config.toml"), run_dir, resume=True)
-    assert (resumed.start_epoch, resumed.skip_steps) == (state["epoch"], state["step"])
+    assert (resumed.run.start_epoch, resumed.run.skip_batches) == (state["epoch"], state["step"])
     assert resumed.global_step == state["global_step"]
 
 
