@@ -13,11 +13,19 @@ from pathlib import Path
 
 import psutil
 import tomli_w
+import torch
 
+from benchmarks.loaders import unavailable_backends
 from benchmarks.machine import describe, machine_info
+from benchmarks.measure import device_type_or_exit, measure_batches
 from benchmarks.report import make_console, print_table
+from benchmarks.resources import ResourceSampler
 from benchmarks.search import Budget, SearchResult, Trial, successive_halving
-from fastpipe.data.beton import atomic_write
+from benchmarks.train_step import build_train_step, synthetic_rate
+from fastpipe.config import ConfigError, load_config
+from fastpipe.data.beton import BetonError, atomic_write, read_manifest
+from fastpipe.train.assemble import loader_for, usable_cores
+from fastpipe.train.runtime import build_runtime
 
 # DALI settings tried on a GPU besides the thread count (build_loader keyword arguments).
 DALI_GPU_OPTIONS = {"prefetch": (2, 3), "hw_decoder_load": (0.0, 0.5, 0.75)}
@@ -90,8 +98,6 @@ def batch_sizes(smallest: int, largest: int) -> list[int]:
 
 
 def loader_images_per_second(config, res: int, setting: tuple, batches: int, runtime) -> float:
-    from benchmarks.measure import measure_batches
-    from fastpipe.train.assemble import loader_for
 
     # the trainer's loader (augmentation included) with the trial's setting over it
     loader = loader_for(config, "train", runtime, batch_size=config.data.batch_size, resolution=res,
@@ -107,10 +113,7 @@ def loader_images_per_second(config, res: int, setting: tuple, batches: int, run
 
 def train_rate(step, res: int, batch_size: int, steps: int, num_classes: int, memory_limit: float) -> float:
     """Training img/s on synthetic batches; raises when the batch does not fit."""
-    import torch
 
-    from benchmarks.resources import ResourceSampler
-    from benchmarks.train_step import synthetic_rate
 
     try:
         with ResourceSampler() as usage:
@@ -285,14 +288,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from benchmarks.loaders import unavailable_backends
-    from benchmarks.measure import device_type_or_exit
-    from benchmarks.train_step import build_train_step
-    from fastpipe.config import ConfigError, load_config
-    from fastpipe.data.beton import BetonError, read_manifest
-    from fastpipe.train.assemble import usable_cores
-    from fastpipe.train.runtime import build_runtime
-
     budget = Budget(args.budget_s)
     if args.budget_s <= 0 or not 1 <= args.min_batch_size <= args.max_batch_size:
         raise SystemExit("error: --budget-s must be > 0 and 1 <= --min-batch-size <= --max-batch-size")

@@ -4,7 +4,6 @@ conversion at two data set sizes. Run `python -m benchmarks convert --help`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,8 +16,14 @@ import psutil
 from rich.console import Console
 
 from benchmarks.machine import describe, machine_info
+from benchmarks.measure import measure_batches
 from benchmarks.report import markdown_table, rich_table, write_csv
 from benchmarks.resources import ResourceSampler
+from convert.pipeline import convert_source
+from convert.sources import find_samples
+from convert.synthetic import make_synthetic
+from convert.write import WriteSettings
+from fastpipe.data import build_loader
 
 THROUGHPUT_COLUMNS = {"workers": "workers", "images": "images", "seconds": "seconds", "img_per_s": "img/s",
                       "speedup": "x 1 worker", "cpu_util_pct": "CPU % of all cores"}
@@ -30,8 +35,7 @@ MEMORY_COLUMNS = {"images": "images", "seconds": "seconds", "max_process_rss_mb"
                   "tree_pss_mb": "tree PSS MB"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks convert", description=__doc__.split("\n")[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--work", default="runs/bench/converter-data",
                         help="scratch folder for the synthetic set and betons (default: %(default)s)")
     parser.add_argument("--out", default="runs/bench/converter", help="report folder (default: %(default)s)")
@@ -46,13 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=40, help="timed loader batches per case")
     parser.add_argument("--rss-sizes", default="2000,8000", help="data set sizes for the memory rows")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: throughput,storage,memory")
-    return parser.parse_args(argv)
 
 
 def synthetic_set(folder: Path, images: int, classes: int) -> Path:
     """A flat ImageFolder of `images` synthetic JPEGs (kept between runs)."""
-    from convert.synthetic import make_synthetic
-
     per_class = max(1, images // classes)
     if len(list(folder.rglob("*.JPEG"))) != per_class * classes:
         make_synthetic(folder, classes=classes, per_class=per_class, seed=0)
@@ -73,7 +74,6 @@ def linked_set(base: Path, folder: Path, images: int) -> Path:
 
 
 def convert_once(source, out: Path, settings, workers: int) -> tuple[float, dict]:
-    from convert.pipeline import convert_source
 
     start = time.perf_counter()
     manifest = convert_source(source, out, settings, settings, workers=workers, force=True,
@@ -82,7 +82,6 @@ def convert_once(source, out: Path, settings, workers: int) -> tuple[float, dict
 
 
 def throughput_rows(source, work: Path, workers: int) -> list[dict]:
-    from convert.write import WriteSettings
 
     images = sum(len(items) for items in source.splits.values())
     convert_once(source, work / "warmup", WriteSettings(), workers)     # starts the forkserver (FFCV import)
@@ -100,26 +99,12 @@ def throughput_rows(source, work: Path, workers: int) -> list[dict]:
 def loader_img_per_s(backend: str, data: Path, args, warmup_batches: int = 4, **options) -> float:
     """Steady-state img/s of a train loader over `args.batches` batches (crossing epochs as needed),
     after `warmup_batches` untimed ones (FFCV compiles its pipeline on the first)."""
-    from fastpipe.data import build_loader
-
     loader = build_loader(backend, data=data, split="train", batch_size=args.batch_size,
                           resolution=args.loader_res, workers=args.loader_workers, device="cpu", **options)
-    seen, images, start, epoch = 0, 0, 0.0, 0
-    while True:
-        loader.set_epoch(epoch)
-        for _, labels in loader:
-            seen += 1
-            if seen == warmup_batches:
-                start = time.perf_counter()
-            elif seen > warmup_batches:
-                images += int(labels.shape[0])
-                if seen == warmup_batches + args.batches:
-                    return images / (time.perf_counter() - start)
-        epoch += 1
+    return measure_batches(loader, "cpu", args.batches, warmup_batches)
 
 
 def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict], float | None]:
-    from convert.write import WriteSettings
 
     rows, torch_img_per_s = [], None
     for mode in args.modes.split(","):
@@ -181,10 +166,7 @@ def peak_memory(src: Path, out: Path, workers: int) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from convert.sources import find_samples
-
-    args = parse_args(argv)
+def run(args) -> int:
     console = Console()
     skip = set(filter(None, args.skip.split(",")))
     work, out = Path(args.work), Path(args.out)
@@ -225,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"machine": machine, "settings": vars(args), "results": rows, "notes": notes}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     write_csv(out / "results.csv", rows)
-    parts = ["# Converter benchmark", "", f"Command: `python -m benchmarks convert {' '.join(argv or sys.argv[2:])}`", ""]
+    parts = ["# Converter benchmark", "", f"Command: `python -m benchmarks convert {' '.join(sys.argv[2:])}`", ""]
     for title, table, columns in sections:
         console.print(rich_table(table, columns, title))
         parts += [f"## {title}", "", markdown_table(table, columns), ""]
@@ -236,6 +218,3 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"report: {out / 'results.md'}, {out / 'results.json'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

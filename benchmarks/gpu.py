@@ -23,32 +23,22 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from benchmarks.loaders import LoaderCase, run_cases
 from benchmarks.machine import describe, machine_info
-from benchmarks.report import make_console, print_table, write_report
+from benchmarks.preflight import FIXES, PhaseFailed, preflight
+from benchmarks.report import make_console, markdown_table, print_table, write_report
+from benchmarks.train_step import build_train_step, fed_rate, synthetic_rate
+from convert.pipeline import convert_source
+from convert.sources import find_samples
+from convert.synthetic import make_synthetic
+from convert.write import WriteSettings
+from fastpipe.config import load_config
+from fastpipe.train.assemble import loader_for, usable_cores
+from fastpipe.train.runtime import build_runtime
 
 PHASES = ("preflight", "tests", "data", "loaders", "train", "graphs")
-PACKAGES = {"torch": "torch", "torchvision": "torchvision", "ffcv": "ffcv", "dali": "nvidia-dali-cuda130",
-            "numba": "numba", "numpy": "numpy"}
-INSTALL = "install fastpipe from the wheelhouse: README, 'GPU box, offline' (make wheelhouse here, then its pip line)"
-FIXES = {
-    "ffcv": f"ffcv did not load or run; {INSTALL}",
-    "dali": f"DALI did not load or run; {INSTALL}",
-    "torch": "the torchvision baseline did not run: check torch and torchvision (torchvision.io decodes JPEGs)",
-    "crop decoder": f"FFCV would fall back to its stock decoder; {INSTALL}",
-    "cuda": "torch sees no GPU: check `nvidia-smi`, the driver and CUDA_VISIBLE_DEVICES",
-    "nvjpeg": "DALI's mixed decoder did not run: the wheelhouse carries nvidia-nvjpeg (libnvjpeg.so.13) and "
-              "nvimgcodec for it (`pip show nvidia-nvjpeg`), and the driver must support CUDA 13",
-}
-
-
-class PhaseFailed(Exception):
-    """A phase that ran to its end but found failures: its findings are kept in the report."""
-
-    def __init__(self, message: str, found: dict):
-        super().__init__(message)
-        self.found = found
-
-
 REPO = Path(__file__).resolve().parent.parent
 LOADER_COLUMNS = {"backend": "backend", "storage": "storage", "res": "res", "workers": "workers",
                   "batch_size": "batch", "img_per_s": "img/s", "ratio_to_torch": "x torch", "peak_rss_mb": "peak RSS MB",
@@ -102,109 +92,6 @@ class Deadline:
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def preflight(ctx: dict, deadline: Deadline) -> dict:
-    """Versions, then each backend imported and one small batch pushed through it on the device at hand; on
-    a GPU, one JPEG through DALI's mixed decoder with the hardware decoder asked for and without it. Any
-    piece that does not run fails the phase, with what failed and the fix."""
-    import torch
-
-    from fastpipe.data import crop_decode
-    from fastpipe.versions import package_versions
-
-    versions = package_versions(PACKAGES)
-    result = {"versions": versions, "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
-              "crop_decoder": "installed" if crop_decode.available() else crop_decode.MISSING, "backends": {},
-              "missing": {}}
-    if not crop_decode.available():
-        result["missing"]["crop decoder"] = f"{crop_decode.MISSING}; {FIXES['crop decoder']}"
-    data = tiny_data(ctx["out"] / "preflight")
-    for backend in ("ffcv", "dali", "torch"):
-        result["backends"][backend] = one_batch(backend, data, ctx["device"])
-        if result["backends"][backend] != "ok":
-            result["missing"][backend] = f"{result['backends'][backend]}; {FIXES[backend]}"
-    if ctx["device"] == "cuda":
-        result["gpu"] = torch.cuda.get_device_name()
-        result["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        result["driver"] = nvidia_smi("driver_version")
-        result["nvjpeg"] = {name: check_mixed_decoding(load) for name, load in (("hardware", 0.9), ("cuda", 0.0))}
-        for name, outcome in result["nvjpeg"].items():
-            if outcome != "ok":
-                result["missing"][f"nvjpeg ({name})"] = f"{FIXES['nvjpeg']}: {outcome}"
-    elif ctx["asked"] == "cuda":
-        result["missing"]["cuda"] = FIXES["cuda"]
-    for name, fix in result["missing"].items():
-        ctx["console"].print(f"[red]preflight: {name}: {fix}[/red]")
-    if result["missing"]:
-        raise PhaseFailed("not ready: " + "; ".join(result["missing"]), result)
-    return result
-
-
-def tiny_data(root: Path) -> Path:
-    """Eight small JPEGs in two classes, converted raw: enough for one batch of each backend."""
-    from convert.pipeline import convert_source
-    from convert.sources import find_samples
-    from convert.synthetic import make_synthetic
-    from convert.write import WriteSettings
-
-    if not (root / "betons").exists():
-        make_synthetic(root / "images", classes=2, per_class=4, val_per_class=1, min_side=40, max_side=64,
-                       seed=0, workers=1)
-        settings = WriteSettings(write_mode="raw", max_resolution=64)
-        convert_source(find_samples(root / "images"), root / "betons", settings, settings, workers=1, console=None)
-    return root / "betons"
-
-
-def one_batch(backend: str, data: Path, device: str) -> str:
-    """"ok" when the backend imports and yields one batch of the right shape on the device, else the error."""
-    from fastpipe.data import build_loader
-
-    try:
-        loader = build_loader(backend, data, "train", batch_size=4, resolution=32, workers=1, device=device)
-        images, labels = next(iter(loader))
-        if tuple(images.shape) != (4, 3, 32, 32) or images.device.type != device or labels.shape != (4,):
-            return f"batch of {tuple(images.shape)} on {images.device}, expected (4, 3, 32, 32) on {device}"
-    except Exception as exc:  # noqa: BLE001 - reported as what failed, with its fix
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    return "ok"
-
-
-def nvidia_smi(field: str) -> str | None:
-    try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
-
-
-def check_mixed_decoding(hw_decoder_load: float) -> str:
-    """Decode one JPEG with DALI's mixed (nvJPEG) decoder: hw_decoder_load 0.9 asks for the hardware decoder
-    (A100/H100 have one), 0 decodes on the CUDA cores."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
-    encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-    try:
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=1, num_threads=1, device_id=0)
-        def pipeline():
-            data = fn.external_source(source=lambda: [encoded], batch=True, dtype=types.UINT8)
-            return fn.decoders.image(data, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
-
-        built = pipeline()
-        built.build()
-        (images,) = built.run()
-        shape = tuple(images.as_cpu().at(0).shape)
-    except Exception as exc:  # noqa: BLE001 - reported as the missing piece
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return "ok" if shape == (48, 64, 3) else f"decoded shape {shape}, expected (48, 64, 3)"
-
-
 def gpu_tests(ctx: dict, deadline: Deadline) -> dict:
     if not (REPO / "tests").is_dir():
         return {"status": "skipped", "reason": f"no tests/ beside {REPO / 'benchmarks'}: run from the repository"}
@@ -223,10 +110,6 @@ def gpu_tests(ctx: dict, deadline: Deadline) -> dict:
 
 
 def make_data(ctx: dict, deadline: Deadline) -> dict:
-    from convert.pipeline import convert_source
-    from convert.sources import find_samples
-    from convert.synthetic import make_synthetic
-    from convert.write import WriteSettings
 
     sizes, root = ctx["sizes"], ctx["out"] / "data"
     cores = os.cpu_count() or 1
@@ -247,7 +130,6 @@ def make_data(ctx: dict, deadline: Deadline) -> dict:
 
 
 def loader_rows(ctx: dict, deadline: Deadline) -> dict:
-    from benchmarks.loaders import LoaderCase, run_cases
 
     sizes, notes, rows, failures = ctx["sizes"], [], [], []
     workers = ctx["workers"]
@@ -285,10 +167,6 @@ def loader_rows(ctx: dict, deadline: Deadline) -> dict:
 
 
 def train_rows(ctx: dict, deadline: Deadline) -> dict:
-    from benchmarks.train_step import build_train_step, fed_rate, synthetic_rate
-    from fastpipe.config import load_config
-    from fastpipe.train.assemble import loader_for
-    from fastpipe.train.runtime import build_runtime
 
     sizes, notes, rows, failures = ctx["sizes"], [], [], []
     data = ctx["data"]["raw"]
@@ -332,9 +210,6 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
 
 def graph_counts(ctx: dict, deadline: Deadline) -> dict:
     """The trainer's compiled model across set_resolution: A, B, then A again must make two graphs."""
-    from benchmarks.train_step import build_train_step, synthetic_rate
-    from fastpipe.config import load_config
-
     sizes = ctx["sizes"]
     compile_backend = "inductor" if ctx["device"] == "cuda" else "aot_eager"   # no C++ build on a small CPU
     config = load_config(None, {"model": {"arch": "resnet18", "compile": True, "compile_backend": compile_backend},
@@ -367,9 +242,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
 
-    from fastpipe.train.assemble import usable_cores
 
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     if unknown := skip - set(PHASES):
@@ -429,8 +302,6 @@ def run(args) -> int:
 
 
 def phase_markdown(phases: dict, train: list[dict]) -> str:
-    from benchmarks.report import markdown_table
-
     lines = ["", "## Phases", "", "| phase | status | seconds | budget s | detail |", "|---|---|---:|---:|---|"]
     for name, phase in phases.items():
         detail = phase.get("error") or phase.get("reason") or phase.get("summary") or ""

@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -22,6 +23,8 @@ from benchmarks.machine import machine_info
 from benchmarks.measure import device_name, device_type_or_exit, time_epoch
 from benchmarks.report import TABLE_COLUMNS, make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
+from fastpipe.data import build_loader, crop_decode
+from fastpipe.data.beton import MODE_RAW, BetonError, BetonSamples, check_beton, read_manifest, split_info
 
 BASELINE = "torch"
 LEGEND = [
@@ -77,9 +80,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 def whole_image_decoded_pixels(data: str, split: str, resolution: int, backend: str = "ffcv") -> float:
     """Decoded px per output px for a loader that decodes whole images: FFCV's stock decoder and DALI decode
     every JPEG sample of the beton, the torch baseline every original file (sizes read from headers)."""
-    from PIL import Image
 
-    from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton, read_manifest, split_info
 
     if backend == BASELINE:
         manifest = read_manifest(data)
@@ -116,8 +117,6 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
                  options: dict | None = None, progress: Progress | None = None,
                  max_batches: int | None = None) -> dict:
     """Build the loader, run warm-up + timed epochs under a resource sampler; returns one result row."""
-    from fastpipe.data import build_loader, crop_decode
-
     backend, variant_options = split_variant(case.backend)
     with ResourceSampler() as usage:
         loader = build_loader(backend=backend, data=data, split=case.split, batch_size=case.batch_size,
@@ -191,7 +190,7 @@ def add_ratios(rows: list[dict]) -> None:
 def unavailable_backends(backends: list[str]) -> dict[str, str]:
     """Backends that cannot run here, with the reason, so they are skipped with a note."""
     try:
-        from fastpipe.data import available_backends
+        from fastpipe.data import available_backends  # a broken install is reported, not raised
     except ImportError as exc:
         return {name: f"fastpipe.data cannot be imported ({exc})" for name in backends}
     available = set(available_backends())
@@ -271,7 +270,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     console = make_console()
-    from fastpipe.data.beton import BetonError, check_beton, read_manifest
 
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]
     try:

@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timezone
 
 import psutil
+import torch
 
 from fastpipe.versions import cpu_model
 from fastpipe.versions import package_versions as shared_package_versions
@@ -31,8 +32,6 @@ def package_versions() -> dict[str, str | None]:
 
 
 def gpu_info() -> dict | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     index = torch.cuda.current_device()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from fastpipe.data.device import resolve_device
+
 
 def device_type_or_exit(device: str) -> str:
     """--device as "cpu" or "cuda"; a clear exit when it cannot be had."""
-    from fastpipe.data.device import resolve_device
-
     try:
         return resolve_device(device, "--device").type
     except (RuntimeError, ValueError) as err:
@@ -18,15 +20,11 @@ def device_type_or_exit(device: str) -> str:
 
 
 def device_name(device: str) -> str:
-    import torch
-
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None) -> tuple[int, float]:
     """Iterate one epoch (or `max_batches`); returns (images, seconds)."""
-    import torch
-
     images = 0
     start = time.perf_counter()
     iterator = iter(loader)
@@ -54,8 +52,6 @@ def cycle_epochs(loader, first_epoch: int = 0):
 
 def measure_batches(loader, device: str, batches: int, warmup_batches: int = 2) -> float:
     """img/s over `batches` batches after `warmup_batches` untimed ones, crossing epochs if needed."""
-    import torch
-
     stream = cycle_epochs(loader)
     try:
         for _ in range(warmup_batches):

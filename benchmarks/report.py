@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
@@ -103,10 +105,7 @@ def _series(rows: list[dict], group_keys: tuple[str, ...], x_key: str):
 
 def _plot(path: Path, rows: list[dict], x_key: str, group_keys: tuple[str, ...], xlabel: str,
           title: str) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")   # files only; never needs a display
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # One colour per backend in every plot; the second grouping key changes the line style.

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from benchmarks.conftest import photo_like
+from fastpipe.data import crop_decode
 
 RESOLUTION = 160
 
@@ -60,7 +61,7 @@ def test_random_resized_crop_opencv_area(benchmark, decoded):
 # ceiling of any full-decode design (full decode alone, no crop and no resize).
 @pytest.fixture(scope="module", params=[256, 512], ids=["stored256", "stored512"])
 def stored_jpegs(request):
-    from ffcv.fields.rgb_image import get_random_crop
+    from ffcv.fields.rgb_image import get_random_crop  # ffcv compiles numba on import: only these benchmarks
 
     rng = np.random.default_rng(request.param)
     side, samples = request.param, []
@@ -102,8 +103,6 @@ def test_ffcv_full_decode_alone_ceiling(benchmark, stored_jpegs):
 
 
 def test_crop_decoder(benchmark, stored_jpegs):
-    from fastpipe.data import crop_decode
-
     if not crop_decode.available():
         pytest.skip(crop_decode.MISSING)
     out = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)

@@ -9,9 +9,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from benchmarks.loaders import unavailable_backends
 from benchmarks.machine import machine_info
+from benchmarks.measure import cycle_epochs, device_name, device_type_or_exit
 from benchmarks.report import make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
+from fastpipe.config import ConfigError, load_config
+from fastpipe.data.beton import BetonError, read_manifest
+from fastpipe.train.assemble import build_benchmark_training, data_workers, loader_for
+from fastpipe.train.runtime import build_runtime
 
 COLUMNS = {"backend": "feed", "res": "res", "workers": "workers", "batch_size": "batch",
            "img_per_s": "img/s", "ratio_to_synthetic": "x synthetic", "peak_rss_mb": "peak RSS MB",
@@ -39,7 +47,6 @@ class BenchStep:
         return None if counter is None else counter.graphs
 
     def sync(self) -> None:
-        import torch
 
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -48,16 +55,12 @@ class BenchStep:
 def build_train_step(config, num_classes: int, device: str) -> BenchStep:
     """Model, compile settings, channels-last, precision, optimizer, schedule and step exactly as
     `fastpipe.train` builds them (`fastpipe.train.assemble`), on `device`."""
-    from fastpipe.train.assemble import build_benchmark_training
-    from fastpipe.train.runtime import build_runtime
-
     runtime = build_runtime(config, device=device)
     return BenchStep(build_benchmark_training(config, num_classes, runtime), runtime.device_type,
                      runtime.precision.dtype)
 
 
 def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str, dtype=None):
-    import torch
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device, dtype)
@@ -92,7 +95,6 @@ def synthetic_rate(step: BenchStep, batch_size: int, resolution: int, num_classe
 
 
 def fed_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
-    from benchmarks.measure import cycle_epochs
 
     batches = cycle_epochs(loader)
     try:
@@ -119,13 +121,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from benchmarks.loaders import unavailable_backends
-    from benchmarks.measure import device_name, device_type_or_exit
-    from fastpipe.config import ConfigError, load_config
-    from fastpipe.data.beton import BetonError, read_manifest
-    from fastpipe.train.assemble import data_workers, loader_for
-    from fastpipe.train.runtime import build_runtime
-
     try:
         config = load_config(args.config, overrides=getattr(args, "overrides", []), tune=args.tune)
     except ConfigError as exc:

@@ -11,7 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from convert.adopt import adopt
+from convert.pipeline import convert_source
 from convert.sources import ConvertError, find_samples
+from convert.synthetic import make_synthetic
+from convert.verify import info, verify
 from convert.write import WRITE_MODES, WriteSettings
 from fastpipe.data.beton import BetonError
 
@@ -64,7 +68,6 @@ def write_settings(args) -> tuple[WriteSettings, WriteSettings]:
 
 
 def run_conversion(args, root: Path, val_fraction: float = 0.1) -> None:
-    from convert.pipeline import convert_source
 
     train, val = write_settings(args)
     source = find_samples(root, val_fraction=val_fraction, seed=args.seed)
@@ -93,7 +96,6 @@ def cmd_folder(args) -> None:
 
 
 def cmd_synthetic(args) -> None:
-    from convert.synthetic import make_synthetic
 
     try:
         result = make_synthetic(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed,
@@ -106,20 +108,16 @@ def cmd_synthetic(args) -> None:
 
 
 def cmd_adopt(args) -> None:
-    from convert.adopt import adopt
 
     adopt(args.dir, classes_file=args.classes, train=args.train, val=args.val, force=args.force)
 
 
 def cmd_verify(args) -> None:
-    from convert.verify import verify
 
     verify(args.dir)
 
 
 def cmd_info(args) -> None:
-    from convert.verify import info
-
     info(args.dir)
 
 

@@ -102,7 +102,7 @@ def _check_one(job: tuple[str, int | None, int]) -> tuple:
 
 
 def _init_pool_worker() -> None:
-    import cv2
+    import cv2  # in the worker only: the parent never decodes
 
     cv2.setNumThreads(1)
     die_with_parent()

@@ -84,7 +84,6 @@ def die_with_parent() -> None:
 class CleanImages:
     """The indexable dataset FFCV's workers read: decodes again with the checked code path and never
     raises (a raise would hang FFCV); a file that changed since validation is counted as a failure."""
-
     def __init__(self, job: BetonJob, progress, failures, failure_message):
         self.job, self.progress, self.failures, self.failure_message = job, progress, failures, failure_message
 
@@ -123,7 +122,7 @@ def process_context():
 def warm_ffcv() -> None:
     """Compile FFCV's numba-typed mode table in the writer: each of FFCV's (forked) workers would
     otherwise compile it again, about 1 s per worker per beton."""
-    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.fields.rgb_image import IMAGE_MODES  # ffcv compiles numba on import: only writers pay it
 
     for mode in ("jpg", "raw"):
         IMAGE_MODES[mode]
@@ -143,13 +142,13 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
     die_with_parent()
     threading.Thread(target=exit_when_closed, args=(lifeline,), daemon=True).start()
     try:
-        import cv2
+        import cv2  # the writer process's own settings, before FFCV forks its workers
 
         cv2.setNumThreads(1)
         # FFCV hands the dataset to its workers by forking (this process is clean, so that is safe);
         # a forkserver-started process would otherwise default to forkserver and fail to pickle it.
         mp.set_start_method("fork", force=True)
-        import ffcv.writer
+        import ffcv.writer  # after the start method is set
         from ffcv.fields import IntField, RGBImageField
 
         # The converter draws its own progress bar; FFCV's tqdm bar would interleave with it.
@@ -208,7 +207,6 @@ def check_written(job: BetonJob) -> None:
 class WriterProcess:
     """One process running FFCV's DatasetWriter, fed jobs through a queue and watched from here. Use as a
     context manager: leaving it kills the process tree and removes unfinished files."""
-
     def __init__(self, workers: int):
         ctx = process_context()
         lifeline, self.lifeline = ctx.Pipe(duplex=False)     # only this process holds the sending end

@@ -5,6 +5,7 @@ overrides, checks every key and type, and returns a `Config`; `to_toml(config)` 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import inspect
@@ -429,8 +430,6 @@ def help_text() -> str:
 
 def argument_parser(prog: str, description: str, example: str):
     """An argparse parser whose --help ends with every config key (all entry points take overrides)."""
-    import argparse
-
     return argparse.ArgumentParser(prog=prog, description=f"{description} Any config key can be set as "
                                    f"--section.key=value.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=f"{help_text()}\n\nexample: {example}")

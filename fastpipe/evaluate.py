@@ -13,7 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastpipe.report.classes import class_names, write_class_report, write_predictions  # noqa: F401 - public API
+from fastpipe.config import ConfigError, argument_parser, load_config
+from fastpipe.data.beton import BetonError, write_json_atomic
+from fastpipe.model import stem_of
+from fastpipe.report.classes import class_names, eval_summary, write_class_report, write_predictions  # noqa: F401 - public API
+from fastpipe.report.run import environment
+from fastpipe.train.assemble import build_model, loader_for
+from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
+from fastpipe.train.runtime import build_runtime
 
 
 @dataclass
@@ -21,7 +28,6 @@ class EvalResult:
     """Accuracies are fractions in [0, 1]; `top5` is top-`topk` when there are fewer than 5 classes.
     targets/preds/confidences are per sample, in loader order; `sample_ids` are the samples' paths when
     the loader is one of ours reading its split unshuffled and whole (else None: rows are indices)."""
-
     loss: float
     top1: float
     top5: float
@@ -110,15 +116,6 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                  out_dir: Path | None = None) -> dict:
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
-    from fastpipe.config import ConfigError, load_config
-    from fastpipe.data.beton import write_json_atomic
-    from fastpipe.model import stem_of
-    from fastpipe.report.classes import eval_summary
-    from fastpipe.report.run import environment
-    from fastpipe.train.assemble import build_model, loader_for
-    from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
-    from fastpipe.train.runtime import build_runtime
-
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")
     config = load_config(run_dir / "config.toml", list(overrides))
@@ -155,10 +152,6 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastpipe.config import ConfigError, argument_parser
-    from fastpipe.data.beton import BetonError
-    from fastpipe.train.checkpoint import CheckpointError
-
     parser = argument_parser("python -m fastpipe.evaluate", "Re-evaluate a training run's checkpoint on the "
                              "val split and write the full report.",
                              "python -m fastpipe.evaluate runs/r18 --checkpoint last --backend torch")

@@ -8,16 +8,18 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from fastpipe.config import ConfigError, argument_parser, load_config
+from fastpipe.data.beton import BetonError
+from fastpipe.train.assemble import build_training, loader_for
+from fastpipe.train.checkpoint import CheckpointError
 from fastpipe.train.lr_finder import LRFinderResult, sweep
+from fastpipe.train.optim import plan_epochs
+from fastpipe.train.runtime import build_runtime
 
 
 def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
     """Build as `fastpipe.train` does (one process) and sweep. Returns the result and the first epoch's
     LR scale, which converts the suggestion (at the first epoch's batch size) into `optim.lr`."""
-    from fastpipe.train.assemble import build_training, loader_for
-    from fastpipe.train.optim import plan_epochs
-    from fastpipe.train.runtime import build_runtime
-
     runtime = build_runtime(config)
     loader = loader_for(config, "train", runtime)
     first_epoch = plan_epochs(config, loader.num_samples)[0]
@@ -26,7 +28,6 @@ def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
 
 
 def parse_args(argv: list[str] | None):
-    from fastpipe.config import argument_parser
 
     parser = argument_parser("python -m fastpipe.lr_find", "LR range test for a training config "
                              "([lr_finder] start_lr, end_lr, steps control the sweep).",
@@ -38,10 +39,6 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastpipe.config import ConfigError, load_config
-    from fastpipe.data.beton import BetonError
-    from fastpipe.train.checkpoint import CheckpointError
-
     args, overrides = parse_args(argv)
     try:
         config = load_config(args.config, overrides, tune=args.tune)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.converter import main
+from benchmarks.__main__ import main
 
 
 def test_converter_benchmark_reports_throughput_per_worker_count(tmp_path):
     out = tmp_path / "report"
-    assert main(["--work", str(tmp_path / "work"), "--out", str(out), "--images", "24", "--classes", "3",
+    assert main(["convert", "--work", str(tmp_path / "work"), "--out", str(out), "--images", "24", "--classes", "3",
                  "--workers", "2", "--skip", "storage,memory"]) == 0
     payload = json.loads((out / "results.json").read_text())
     rows = [row for row in payload["results"] if row["table"] == "throughput"]

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.__main__ import main
-from benchmarks.lr_sweep import best_and_tied, within_2x
-from benchmarks.small_sets import FASHION_DIR, make_fashion, prepare, read_idx, train_once
+from benchmarks.quality.lr_sweep import best_and_tied, within_2x
+from benchmarks.quality.sets import FASHION_DIR, make_fashion, prepare, read_idx, train_once
 from fastpipe.report.run import RunReport
 
 

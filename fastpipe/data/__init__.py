@@ -51,7 +51,7 @@ def build_loader(backend: str = "ffcv", data: str | os.PathLike = "", split: str
     prefetch), torch (prefetch_factor).
     """
     if dtype is None:
-        import torch
+        import torch  # loaded only now: see TYPE_CHECKING above
         dtype = torch.float32
     if backend not in BACKENDS:
         raise ValueError(f"Unknown loader backend {backend!r}; choose one of {sorted(BACKENDS)} "

@@ -39,7 +39,6 @@ def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarr
 class FeedColumns:
     """What the feed needs of every sample, worked out once per loader (train builds a source per epoch):
     byte ranges in the memory-mapped beton, and one int64 metadata row (height, width, 3, raw, label)."""
-
     def __init__(self, samples: BetonSamples):
         self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
         raw = samples.mode == MODE_RAW
@@ -61,7 +60,6 @@ class BetonSource:
     With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
     order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
     """
-
     def __init__(self, columns: FeedColumns, batch_size: int, crop_windows: bool, feed: FeedCost | None = None):
         self.columns, self.batch_size, self.feed = columns, batch_size, feed
         self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
@@ -90,7 +88,6 @@ class BetonSource:
 class FeedCost:
     """Main-thread CPU time spent handing batches to DALI (CPU, not wall: on a busy machine the wall
     clock would also count the time DALI's own threads held the core), and the samples handed over."""
-
     def __init__(self):
         self.seconds, self.samples = 0.0, 0
 
@@ -104,7 +101,6 @@ class FeedCost:
 
 class EpochRunner:
     """One built pipeline (fixed resolution and batch size) with its source and iterator."""
-
     def __init__(self, pipeline, source: BetonSource, feed: FeedCost):
         self.pipeline, self.source, self.iterator = pipeline, source, None
         self.finished = True   # False while an epoch is in flight
@@ -123,7 +119,10 @@ class EpochRunner:
         pipeline._run_input_callbacks = timed
 
     def epoch(self, order: np.ndarray):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import (  # DALI: optional, ~1 s import
+            DALIGenericIterator,
+            LastBatchPolicy,
+        )
         self.source.order = order   # read by the source when DALI resets it, below
         if self.iterator is None:
             # prepare_first_batch=False: nothing is read before the order above is in place
@@ -140,7 +139,6 @@ class EpochRunner:
 
 class DALILoader(LoaderBase):
     """Options: hw_decoder_load (share of JPEGs for the hardware decoder, GPU only), prefetch (batches)."""
-
     backend = "dali"
 
     def __init__(self, data, split: str = "train", *, hw_decoder_load: float = 0.65, prefetch: int = 2,
@@ -154,7 +152,7 @@ class DALILoader(LoaderBase):
         self.feed = FeedCost()
 
     def build_pipeline(self, resolution: int, batch_size: int, epoch: int = 0) -> EpochRunner:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def, types  # DALI: optional, ~1 s to import
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
         source = BetonSource(self.columns, batch_size, crop_windows=not self.train, feed=self.feed)

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import torch
 
+from fastpipe.data import crop_decode
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import IMAGE_FIELD, INT_FIELD, check_beton, read_fields
+from fastpipe.data.ffcv_decoders import NativeCenterCrop, SeededRandomResizedCrop, add_epoch_column
 
 ORDERS = ("random", "quasi_random")
 DECODERS = ("auto", "crop", "stock")
@@ -55,8 +57,6 @@ def release_freed_memory() -> None:
 
 
 def choose_decoder(decoder: str) -> str:
-    from fastpipe.data import crop_decode
-
     if decoder not in DECODERS:
         raise ValueError(f"ffcv decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "stock" or crop_decode.available():
@@ -74,7 +74,6 @@ class FFCVLoader(LoaderBase):
     decoder ("crop": decode only each crop's window at a DCT scale that fits the output, bilinear resize
     under 2x shrink; "stock": FFCV's decoder, full decode + INTER_AREA; "auto": crop when the native
     library is built, else stock with a warning)."""
-
     backend = "ffcv"
 
     def __init__(self, data, split: str = "train", *, order: str = "random", os_cache: bool = True,
@@ -92,12 +91,12 @@ class FFCVLoader(LoaderBase):
         path = check_beton(self.data_dir, split, self.manifest)   # FFCV itself would crash on a bad file
         self.decoder_kind = choose_decoder(decoder)
 
+        # FFCV compiles numba code when imported (seconds): only a process that builds an FFCV loader pays it
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from fastpipe.data.ffcv_decoders import NativeCenterCrop, SeededRandomResizedCrop, add_epoch_column
 
         size = (self.resolution, self.resolution)
         native = self.decoder_kind == "crop"

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure  # object API: thread-safe, no pyplot state, no display needed
 from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
+from fastpipe.data.beton import atomic_write, write_json_atomic
 from fastpipe.report.classes import eval_summary, write_class_report
 from fastpipe.versions import cpu_model, package_versions
 
@@ -45,7 +47,6 @@ class RunReport:
     `resume=True` the earlier metrics.csv/steps.csv rows are kept (a re-run epoch replaces its row).
     Use `report.console` for rich progress bars so they share one console with the log.
     """
-
     def __init__(self, run_dir: str | Path, classes: list[str] | None = None, *, tensorboard: bool = True,
                  enabled: bool = True, resume: bool = False, plots: bool = True,
                  console: Console | None = None):
@@ -151,7 +152,6 @@ class RunReport:
         predictions.csv rows are `sample_ids`, else eval_result.sample_ids, else indices)."""
         if not self.enabled:
             return {}
-        from fastpipe.data.beton import write_json_atomic
 
         payload = {"run_dir": str(self.run_dir.resolve()), **summarize_history(self.history)}
         if eval_result is not None:
@@ -281,8 +281,6 @@ def _markdown_cell(value, fmt: str) -> str:
 
 def environment() -> dict:
     """Versions and hardware, for summary.json and benchmark reports."""
-    import torch
-
     versions = package_versions({"torchvision": "torchvision", "ffcv": "ffcv", "dali": "nvidia-dali-cuda130"})
     cuda = torch.cuda.is_available()
     info = {"python": versions["python"], "torch": torch.__version__, "torchvision": versions["torchvision"],
@@ -292,7 +290,7 @@ def environment() -> dict:
             "gpu_count": torch.cuda.device_count() if cuda else 0,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     try:
-        import psutil
+        import psutil  # optional on other installs: the field is left out without it
 
         info["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
     except ImportError:
@@ -322,7 +320,5 @@ def _jsonable(value):
 
 
 def _replace_atomic(path: Path, text: str) -> None:
-    from fastpipe.data.beton import atomic_write
-
     with atomic_write(path) as handle:
         handle.write(text)

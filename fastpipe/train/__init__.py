@@ -4,6 +4,8 @@ checkpoints, data-wait accounting and DDP helpers. `python -m fastpipe.train` is
 """
 from __future__ import annotations
 
+import importlib
+
 # Trainer and main are loaded on first use: fastpipe.config imports fastpipe.train.resolution, and the
 # trainer imports fastpipe.config, so importing them here would make a cycle.
 _LAZY = {"Trainer": "fastpipe.train.trainer", "TrainingError": "fastpipe.train.runtime", "main": "fastpipe.train.cli",
@@ -12,7 +14,5 @@ _LAZY = {"Trainer": "fastpipe.train.trainer", "TrainingError": "fastpipe.train.r
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastpipe.train' has no attribute {name!r}")

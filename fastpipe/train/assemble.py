@@ -12,8 +12,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from fastpipe.config import SMALL_IMAGE_MAX_RESOLUTION, Config
+from fastpipe.data import build_loader as build
+from fastpipe.model import apply_freeze, build_resnet, compile_model, load_weights, stem_of
+from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
+from fastpipe.train.ema import WeightAverage
+from fastpipe.train.optim import build_optimizer, build_scheduler
 from fastpipe.train.runtime import Runtime
 from fastpipe.train.step import TrainStep
 
@@ -51,7 +57,6 @@ def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> di
 
 
 def loader_for(config: Config, split: str, runtime: Runtime, **overrides):
-    from fastpipe.data import build_loader as build
 
     return build(**loader_args(config, split, runtime, **overrides))
 
@@ -72,9 +77,6 @@ def build_model(config: Config, num_classes: int, runtime: Runtime, *, init_from
     """The plain module (used for evaluation and checkpoints) on the run's device and memory format:
     torchvision ResNet with the config's stem and width, BlurPool, optional fine-tune initialisation,
     freezing. `stem` (a checkpoint's) replaces the one the config resolves to."""
-    from fastpipe.model import apply_freeze, build_resnet, load_weights, stem_of
-    from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
-
     stem = stem or resolve_stem(config)[0]
     model = build_resnet(config.model.arch, num_classes, stem=stem, width=config.model.width,
                          blurpool=config.model.blurpool, zero_init_residual=config.model.zero_init_residual)
@@ -100,8 +102,6 @@ def uses_compile(config: Config, runtime: Runtime) -> bool:
 def wrap_for_training(model: nn.Module, config: Config, runtime: Runtime):
     """The same weights behind DDP (under torchrun) and torch.compile (static shapes: one graph per
     resolution and batch size). Returns (module to train, CompileCounter or None)."""
-    from fastpipe.model import compile_model
-
     train_model = model
     if runtime.dist.enabled:
         ids = [runtime.device.index] if runtime.device_type == "cuda" else None
@@ -118,8 +118,6 @@ def build_criterion(config: Config) -> nn.Module:
 
 def build_mix(config: Config, num_classes: int):
     """torchvision v2 MixUp and/or CutMix (one picked per batch), or None when both are off."""
-    from torchvision.transforms import v2
-
     choices = [cls(alpha=alpha, num_classes=num_classes) for cls, alpha in
                ((v2.MixUp, config.augment.mixup), (v2.CutMix, config.augment.cutmix)) if alpha > 0]
     if not choices:
@@ -151,22 +149,16 @@ def build_training(config: Config, num_classes: int, runtime: Runtime, *, init_f
                    log=print) -> Training:
     """Model, training wrapper and optimizer. The schedule and step follow with `schedule_training`
     once the peak LR is known (optim.lr = "auto" runs the LR finder on this model first)."""
-    from fastpipe.train.optim import build_optimizer
-
     model = build_model(config, num_classes, runtime, init_from=init_from, stem=stem, log=log)
     train_model, counter = wrap_for_training(model, config, runtime)
     ema = None
     if config.model.ema_decay > 0:
-        from fastpipe.train.ema import WeightAverage
-
         ema = WeightAverage(model, config.model.ema_decay)
     return Training(model, train_model, counter, build_optimizer(model, config), ema)
 
 
 def schedule_training(training: Training, config: Config, runtime: Runtime, num_classes: int, peak_lr: float,
                       total_steps: int) -> Training:
-    from fastpipe.train.optim import build_scheduler
-
     training.scheduler = build_scheduler(training.optimizer, config, peak_lr, total_steps)
     training.step = build_step(config, runtime, training.train_model, training.optimizer, training.scheduler,
                                num_classes, total_steps, training.ema)

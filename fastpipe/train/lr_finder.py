@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fastpipe.train.assemble import build_criterion
@@ -32,7 +33,6 @@ EDGE_RISE = 0.1
 @dataclass
 class LRFinderResult:
     """Outcome of `find_lr`. Suggestions are None when the curve was too short to read."""
-
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]  # centred smoothing of `losses`
@@ -107,7 +107,6 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
 
 def sweep(config, runtime, training, loader, plan, out_dir: Path | None) -> LRFinderResult:
     """The range test on a built run (`fastpipe.train.assemble.Training`) at `plan`'s resolution and batch size."""
-
     loader.set_resolution(plan.resolution)
     loader.set_batch_size(plan.batch_size)
     finder, scaler = config.lr_finder, runtime.precision.scaler
@@ -298,8 +297,6 @@ def _valley_index(losses: np.ndarray) -> int:
 
 
 def write_csv(result: LRFinderResult, path: Path) -> Path:
-    import pandas as pd
-
     frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
                           "smoothed_loss": result.smoothed})
     frame.to_csv(path, index=False)

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tomllib
 from PIL import Image
+
+from convert.__main__ import main as convert
+from convert.synthetic import class_name, make_synthetic, smooth_noise
+from fastpipe.config import load_config, to_toml
+from fastpipe.data.beton import read_manifest
+from fastpipe.train import Trainer
 
 SETS = ("synthetic", "hard", "digits")            # made here, from a package's data or from nothing
 REAL_SETS = ("fashion-small", "fashion")          # need the Debian package; `fashion` trains for ~17 minutes
@@ -41,8 +48,6 @@ def hard_style(label: int) -> tuple[float, float, float]:
 
 
 def render_hard(label: int, rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
-    from convert.synthetic import smooth_noise
-
     hue, angle, period = hard_style(label)
     angle += rng.normal(0, 0.12)
     period *= rng.uniform(0.9, 1.1)
@@ -67,8 +72,6 @@ def _write_hard(job: tuple) -> None:
 def make_hard(out: str | os.PathLike, per_class: int, val_per_class: int, seed: int = 0,
               workers: int | None = None) -> int:
     """OUT/train/<class>/*.png and OUT/val/<class>/*.png of the hard set; returns the image count."""
-    from convert.synthetic import class_name
-
     out = Path(out)
     jobs = []
     for split, count, offset in (("train", per_class, 0), ("val", val_per_class, per_class)):
@@ -83,7 +86,7 @@ def make_hard(out: str | os.PathLike, per_class: int, val_per_class: int, seed: 
 
 def make_digits(out: str | os.PathLike, side: int = SIDE) -> int:
     """OUT/<digit>/*.png: scikit-learn's digits (0-16 ink levels, 8x8) as white-on-black RGB images."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn: a dev extra, only the digits set needs it
 
     digits = load_digits()
     out = Path(out)
@@ -149,8 +152,6 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
     """Write set `name` under ROOT/<name>/images and convert it to ROOT/<name>/betons (skipped when the
     betons are already there). Returns the betons folder. `per_class` / `val_per_class` size the generated
     sets; the real ones have sizes of their own."""
-    from convert.__main__ import main as convert
-
     base = Path(root) / name
     images, betons = base / "images", base / "betons"
     if (betons / "manifest.json").is_file():
@@ -164,8 +165,6 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
                                    f"{asked['val']:,}: remove {base} to make it again, or use another --data-root")
         return betons
     if name == "synthetic":
-        from convert.synthetic import make_synthetic
-
         make_synthetic(images, classes=GENERATED_CLASSES["synthetic"], per_class=per_class, val_per_class=val_per_class, min_side=28,
                        max_side=32, workers=workers)
     elif name == "hard":
@@ -187,8 +186,6 @@ def prepare(name: str, root: str | os.PathLike, *, per_class: int = 150, val_per
 
 def split_size(betons: Path, split: str) -> int:
     """Images written to a converted set's split ("train" or "val")."""
-    from fastpipe.data.beton import read_manifest
-
     return int(read_manifest(betons)["splits"][split]["written"])
 
 
@@ -197,10 +194,7 @@ def train_once(config_name: str, betons: Path, run_dir: Path, overrides: list[st
     run_dir already holds a finished run of the same resolved config, so a benchmark stopped part-way
     continues; a finished run of other settings (a --quick check, other epochs or data) stops with what
     differs rather than passing for this one."""
-    import tomllib
 
-    from fastpipe.config import load_config, to_toml
-    from fastpipe.train import Trainer
 
     config = load_config(config_name, [f"--data.path={betons}", f"--run.dir={run_dir}", *overrides])
     summary, stored = run_dir / "summary.json", run_dir / "config.toml"

@@ -17,8 +17,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-from benchmarks.small_sets import BENCH_SETS, prepare, split_size, train_once
+from benchmarks.quality.sets import BENCH_SETS, prepare, split_size, train_once
+from fastpipe.config import load_config
+from fastpipe.train.lr_finder import SUGGESTION_RULE, read_curve
 
 ACCEPTS_CONFIG_OVERRIDES = True
 DEFAULT_LRS = tuple(float(f"{lr:.3g}") for lr in np.logspace(np.log10(0.02), np.log10(2.0), 6))
@@ -38,9 +42,7 @@ def add_arguments(parser) -> None:
 
 def rule_suggestions(run_dir: Path, steps: int, lr_scale: float) -> dict[str, float | None]:
     """Every rule's peak LR, from the sweep an lr = "auto" run wrote to lr_finder.csv."""
-    import pandas as pd
 
-    from fastpipe.train.lr_finder import read_curve
 
     curve = pd.read_csv(run_dir / "lr_finder.csv")
     result = read_curve(curve["lr"].tolist(), curve["loss"].tolist(), steps=steps)
@@ -52,7 +54,6 @@ def _seed_dir(runs: Path, name: str, seed: int) -> Path:
 
 
 def sweep_set(name: str, args, lrs: list[float], overrides: list[str]) -> dict:
-    from fastpipe.config import load_config
 
     sizes = {"per_class": 12, "val_per_class": 4} if args.quick else {}
     betons = prepare(name, Path(args.out) / "data" if args.quick else Path(args.data_root), **sizes)
@@ -103,7 +104,6 @@ def _geomean(values: list[float | None]) -> float | None:
 
 
 def _rule() -> str:
-    from fastpipe.train.lr_finder import SUGGESTION_RULE
 
     return SUGGESTION_RULE
 
@@ -136,7 +136,6 @@ def markdown(results: list[dict], lrs: list[float]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> Path:
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * max(len(results), 1), 3.8), dpi=110, layout="constrained")
     colors = {"edge": "black", "steepest": "tab:red", "min_loss_div10": "tab:green", "valley": "tab:orange", "min_loss": "tab:purple",
@@ -189,8 +188,6 @@ def run(args) -> int:
 
 
 def _write_csv(results: list[dict], path: Path) -> None:
-    import pandas as pd
-
     rows = [{"set": row["set"], "kind": "fixed", "lr": item["lr"], "seed": seed, "val_top1": top1,
              "wall_s": item["wall_s"]}
             for row in results for item in row["fixed"] for seed, top1 in enumerate(item.get("top1_seeds", [item["top1"]]))]

@@ -1,5 +1,5 @@
 """`python -m benchmarks quality`: what the recipes reach. Trains each recipe on each small-image set
-(`benchmarks.small_sets`: the synthetic set, the hard set, scikit-learn's digits, a 4,000-image part of
+(`benchmarks.quality.sets`: the synthetic set, the hard set, scikit-learn's digits, a 4,000-image part of
 Fashion-MNIST; `--sets fashion` for all of it) and prints val top-1 and wall time per run; writes
 results.json and results.md to --out. Finished runs are kept and skipped.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.small_sets import BENCH_SETS, REAL_SETS, SETS, prepare, split_size, train_once
+from benchmarks.quality.sets import BENCH_SETS, REAL_SETS, SETS, prepare, split_size, train_once
 
 ACCEPTS_CONFIG_OVERRIDES = True
 RECIPES = {
