@@ -209,8 +209,13 @@ def test_writes_csv_and_png_with_the_sweep(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
 
 
-def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys):
+def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys, monkeypatch):
     from fastpipe.lr_find import main
+    from fastpipe.train.step import TrainStep
+
+    stepped = []   # the sweep runs the trainer's own step, once per LR
+    original = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, *batch: stepped.append(1) or original(self, *batch))
 
     out = tmp_path / "sweep"
     code = main(["--config", "cpu-smoke.toml", f"--data.path={betons}", "--data.backend=torch",
@@ -222,7 +227,7 @@ def test_lr_find_cli_sweeps_a_config_and_writes_outputs(betons, tmp_path, capsys
     command = next(line for line in printed.splitlines() if line.startswith("Train with it:"))
     assert f"--data.path={betons}" in command and "--lr_finder.steps" not in command   # same data, new LR
     table = pd.read_csv(out / "lr_finder.csv")
-    assert len(table) == 6
+    assert len(table) == 6 and len(stepped) == 6
     summary = pd.read_json(out / "lr_finder.json", typ="series")
     assert table["lr"].min() <= summary["edge"] <= table["lr"].max() and summary["rule"] == "edge"
     assert (out / "lr_finder.png").stat().st_size > 1000

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fastpipe.train.assemble import build_criterion
+from fastpipe.train.assemble import build_criterion, build_step
 
 SKIP_END = 5  # the last few points of a sweep are the blow-up, not the slope we want
 RULES = ("edge", "steepest", "min_loss_div10", "valley", "min_loss", "min_loss_div2")
@@ -62,7 +62,8 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
             batches: Iterable, *, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
             autocast: Callable[[], AbstractContextManager] = nullcontext, scaler: torch.amp.GradScaler | None = None,
             smoothing: float = 0.9, diverge_factor: float = 4.0, rule: str = SUGGESTION_RULE,
-            out_dir: str | Path | None = None) -> LRFinderResult:
+            out_dir: str | Path | None = None, step: Callable[[torch.Tensor, torch.Tensor], float] | None = None
+            ) -> LRFinderResult:
     """Sweep the LR exponentially from `start_lr` to `end_lr` over `steps` optimizer steps.
 
     `batches` yields (images, labels) already on the model's device; it is restarted with `iter()`
@@ -72,7 +73,9 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
     a loss is NaN/Inf. Suggestions come from the loss smoothed with a centred Gaussian window instead
     (`centred_smooth`, losses capped at the starting level), which does not shift the curve. Every parameter
     group gets the swept LR. Under DDP the loss is averaged over ranks first, so all ranks stop together and
-    get the same suggestions.
+    get the same suggestions. `step(images, labels)` runs one update and returns the batch's mean loss over
+    ranks (non-finite when it was); by default a plain forward, backward and update with `criterion`,
+    `autocast` and `scaler`; `sweep` passes the trainer's own step.
 
     Afterwards model weights/buffers/grads, train mode, optimizer and scaler state and the python,
     numpy, torch CPU and CUDA RNG states are exactly as before. With `out_dir`, writes
@@ -90,9 +93,10 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
 
     saved = _snapshot(model, optimizer, scaler)
     try:
+        model.train()
         lrs, losses, stopped_early, reason = _sweep(
-            model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
-            smoothing, diverge_factor)
+            step or plain_step(model, optimizer, criterion, autocast, scaler), optimizer, batches, start_lr, end_lr,
+            steps, smoothing, diverge_factor)
     finally:
         _restore(saved, model, optimizer, scaler)
 
@@ -106,14 +110,57 @@ def find_lr(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion:
 
 
 def sweep(config, runtime, training, loader, plan, out_dir: Path | None) -> LRFinderResult:
-    """The range test on a built run (`fastpipe.train.assemble.Training`) at `plan`'s resolution and batch size."""
+    """The range test on a built run (`fastpipe.train.assemble.Training`) at `plan`'s resolution and batch size,
+    through the step the trainer runs (its criterion, mixing, precision and fused update), without a
+    schedule or weight average."""
     loader.set_resolution(plan.resolution)
     loader.set_batch_size(plan.batch_size)
     finder, scaler = config.lr_finder, runtime.precision.scaler
+    # total_steps=0: the step never advances a schedule; the sweep sets the LR itself
+    train_step = build_step(config, runtime, training.train_model, training.optimizer, None, len(loader.classes),
+                            total_steps=0)
     return find_lr(training.train_model, training.optimizer, build_criterion(config), loader,
                    start_lr=finder.start_lr, end_lr=finder.end_lr, steps=finder.steps,
                    autocast=runtime.precision.autocast, scaler=scaler if scaler.is_enabled() else None,
-                   out_dir=out_dir)
+                   out_dir=out_dir, step=StepLoss(train_step))
+
+
+class StepLoss:
+    """A TrainStep as the sweep's `step`: one update, then the batch's mean loss from the step's counters
+    (one host read per step, summed over ranks; NaN once a step was non-finite, whose update was skipped)."""
+
+    def __init__(self, train_step):
+        self.train_step, self.loss_sum, self.samples = train_step, 0.0, 0.0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.train_step(images, labels)
+        totals = self.train_step.read()
+        if totals.nonfinite:
+            return math.nan
+        loss = (totals.loss_sum - self.loss_sum) / max(totals.samples - self.samples, 1)
+        self.loss_sum, self.samples = totals.loss_sum, totals.samples
+        return loss
+
+
+def plain_step(model, optimizer, criterion, autocast, scaler) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """Forward, backward and update; a non-finite loss returns before the update."""
+    def step(images: torch.Tensor, labels: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = criterion(model(images), labels)
+        value = _mean_over_ranks(loss)
+        if not math.isfinite(value):
+            return value
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return value
+
+    return step
 
 
 def read_curve(lrs: list[float], losses: list[float], *, steps: int, stopped_early: bool = False, reason: str = "",
@@ -132,39 +179,26 @@ def read_curve(lrs: list[float], losses: list[float], *, steps: int, stopped_ear
     return result
 
 
-def _sweep(model, optimizer, criterion, batches, start_lr, end_lr, steps, autocast, scaler,
-           smoothing, diverge_factor):
+def _sweep(step, optimizer, batches, start_lr, end_lr, steps, smoothing, diverge_factor):
     lrs, losses = [], []
     ratio = end_lr / start_lr
     average, best = 0.0, math.inf
-    model.train()
     stream = _cycle(batches)
-    for step in range(steps):
-        lr = start_lr * ratio ** (step / (steps - 1))
+    for index in range(steps):
+        lr = start_lr * ratio ** (index / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, labels = next(stream)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = criterion(model(images), labels)
-        value = _mean_over_ranks(loss)
+        value = step(*next(stream))
         if not math.isfinite(value):
-            return lrs, losses, True, f"loss became {value} at lr={lr:.3g} (step {step})"
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+            return lrs, losses, True, f"loss became {value} at lr={lr:.3g} (step {index})"
         average = smoothing * average + (1 - smoothing) * value
-        current = average / (1 - smoothing ** (step + 1))  # bias correction, as in Adam
+        current = average / (1 - smoothing ** (index + 1))  # bias correction, as in Adam
         lrs.append(lr)
         losses.append(value)
         best = min(best, current)
-        if step > 0 and current > diverge_factor * best:
+        if index > 0 and current > diverge_factor * best:
             reason = (f"smoothed loss {current:.4g} exceeded {diverge_factor:g}x its minimum {best:.4g} "
-                      f"at lr={lr:.3g} (step {step})")
+                      f"at lr={lr:.3g} (step {index})")
             return lrs, losses, True, reason
     return lrs, losses, False, f"completed {steps} steps up to lr={end_lr:.3g}"
 
