@@ -190,8 +190,8 @@ def tuned_values(config, phases: list[PhaseResult]) -> dict:
     batch = {p.res: p.search.best for p in phases if p.phase == "batch" and p.search.best is not None}
     setting = dict(loader.get(main_res) or next(iter(loader.values()), None) or ())
     data = {"workers": setting.pop("workers", config.data.workers)}
-    if setting:
-        data["options"] = {**config.data.options, **setting}
+    if setting:   # the tuned backend's options, over the ones the config gave it
+        data[config.data.backend] = {**config.data.options_for(config.data.backend), **setting}
     # One batch size for every epoch: the one tuned at the largest resolution fits at all smaller ones.
     data["batch_size"] = batch[max(batch)] if batch else config.data.batch_size
     values = {"data": data}
@@ -200,8 +200,8 @@ def tuned_values(config, phases: list[PhaseResult]) -> dict:
         values["optim"] = {"lr": lr}
     if config.resolution.stages:
         values["resolution"] = {"stages": [
-            {**stage, "batch_size": batch.get(int(stage["resolution"]),
-                                              stage.get("batch_size", data["batch_size"]))}
+            {"epochs": stage.epochs, "resolution": stage.resolution,
+             "batch_size": batch.get(stage.resolution, stage.batch_size or data["batch_size"])}
             for stage in config.resolution.stages]}
     return values
 

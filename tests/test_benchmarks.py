@@ -211,7 +211,7 @@ def test_autotune_stays_in_budget_and_writes_settings_that_run(betons, tmp_path)
     train_images = json.loads((betons / "manifest.json").read_text())["splits"]["train"]["written"]
     assert config.data.batch_size * 8 <= train_images   # never so large that an epoch is a handful of steps
     loader = build_loader(backend=config.data.backend, data=config.data.path, batch_size=config.data.batch_size,
-                          resolution=32, workers=config.data.workers, **config.data.options)
+                          resolution=32, workers=config.data.workers, **config.data.options_for(config.data.backend))
     images, labels = next(iter(loader))
     assert images.shape == (config.data.batch_size, 3, 32, 32) and labels.dtype == torch.int64
 

@@ -12,8 +12,8 @@ from fastpipe.train import main
 
 def test_overrides_are_parsed_as_toml_values_or_plain_strings():
     layer = parse_overrides(["--optim.lr=0.4", "--data.backend", "dali", "--model.compile=false",
-                             "--resolution.stages=[{epochs = 2, resolution = 128}]", "--data.options.order=random"])
-    assert layer == {"optim": {"lr": 0.4}, "data": {"backend": "dali", "options": {"order": "random"}},
+                             "--resolution.stages=[{epochs = 2, resolution = 128}]", "--data.ffcv.order=random"])
+    assert layer == {"optim": {"lr": 0.4}, "data": {"backend": "dali", "ffcv": {"order": "random"}},
                      "model": {"compile": False}, "resolution": {"stages": [{"epochs": 2, "resolution": 128}]}}
 
 
@@ -69,7 +69,7 @@ def test_out_of_range_values_are_rejected():
 
 def test_to_toml_round_trips_to_an_equal_config():
     config = load_config("cpu-smoke.toml", ["--resolution.stages=[{epochs = 1, resolution = 64, batch_size = 8}]",
-                                            "--data.options={os_cache = false}", "--optim.lr=auto"])
+                                            "--data.ffcv={os_cache = false}", "--optim.lr=auto"])
     assert from_dict(tomllib.loads(to_toml(config))) == config
     assert config.schedule_for_resolution().batch_size_at(0) == 8
 
@@ -157,3 +157,48 @@ def test_a_run_written_with_a_removed_key_still_loads_with_a_note(tmp_path, caps
     path.write_text("[train]\nmax_nonfinite_steps = 5\nseed = 3\n")
     assert load_config(path).train.seed == 3
     assert "max_nonfinite_steps" in capsys.readouterr().err
+
+
+def test_stages_and_backend_options_are_typed_records_checked_key_by_key(tmp_path):
+    from fastpipe.config import FFCVOptions
+    from fastpipe.train.resolution import Stage
+
+    file = tmp_path / "run.toml"
+    file.write_text('[data.ffcv]\norder = "quasi_random"\nos_cache = false\n[data.dali]\nprefetch = 3\n')
+    config = load_config(file, ["--data.ffcv.batches_ahead=5", "--resolution.stages=[{epochs = 2, resolution = 64}]"])
+    # a table updates the keys it names: the file's FFCV options stay beside the command line's
+    assert config.data.ffcv == FFCVOptions(order="quasi_random", os_cache=False, batches_ahead=5)
+    assert config.data.options_for("ffcv") == {"order": "quasi_random", "os_cache": False, "batches_ahead": 5}
+    assert config.data.options_for("dali") == {"prefetch": 3} and config.data.options_for("torch") == {}
+    assert config.resolution.stages == (Stage(epochs=2, resolution=64),)
+    with pytest.raises(ConfigError, match=r"'data.ffcv.order' expects 'random' or 'quasi_random'"):
+        load_config(None, ["--data.ffcv.order=shuffled"])
+    with pytest.raises(ConfigError, match=r"Unknown config key 'data.dali.prefech'.*data\.dali\.prefetch"):
+        load_config(None, ["--data.dali.prefech=2"])
+    with pytest.raises(ConfigError, match=r"'resolution.stages\[0\]' needs 'resolution'"):
+        load_config(None, ["--resolution.stages=[{epochs = 2}]"])
+    with pytest.raises(ConfigError, match=r"'resolution.stages\[0\]' expects a table \{epochs, resolution, batch_size\}"):
+        load_config(None, ["--resolution.stages=[64]"])
+
+
+def test_backend_options_reach_the_backend_that_runs():
+    import torch
+
+    from fastpipe.train.assemble import loader_args
+    from fastpipe.train.distributed import DistInfo
+    from fastpipe.train.runtime import Runtime, resolve_precision
+
+    config = load_config(None, ["--data.ffcv.os_cache=false", "--data.torch.prefetch_factor=4"])
+    runtime = Runtime(torch.device("cpu"), resolve_precision("off", "cpu"), DistInfo())
+    assert loader_args(config, "train", runtime)["os_cache"] is False
+    torch_args = loader_args(config, "train", runtime, backend="torch")
+    assert torch_args["prefetch_factor"] == 4 and "os_cache" not in torch_args
+
+
+def test_a_run_written_with_data_options_loads_them_as_its_backend_record(tmp_path, capsys):
+    path = tmp_path / "config.toml"
+    path.write_text('[data]\nbackend = "ffcv"\n[data.options]\norder = "quasi_random"\nos_cache = false\n')
+    assert load_config(path).data.options_for("ffcv") == {"order": "quasi_random", "os_cache": False}
+    assert "data.options" in capsys.readouterr().err
+    path.write_text("[data]\noptions = {}\n")   # what runs without options wrote: silently nothing
+    assert load_config(path).data.options_for("ffcv") == {} and not capsys.readouterr().err

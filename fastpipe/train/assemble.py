@@ -37,10 +37,12 @@ def data_workers(config: Config) -> int:
 def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:
     """`fastpipe.data.build_loader` keyword arguments for `split`: the train split gets the first epoch's
     resolution and batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
-    benchmark's resolution, workers, backend options ...) replace single entries."""
+    benchmark's backend, resolution, workers, backend options ...) replace single entries; the options of
+    [data.<backend>] are those of the backend that runs."""
     data, augment = config.data, config.augment
-    args = dict(backend=data.backend, data=data.path, split=split, workers=data_workers(config), device=str(runtime.device),
-                dtype=runtime.precision.dtype, seed=config.train.seed, **data.options)
+    backend = overrides.get("backend", data.backend)
+    args = dict(backend=backend, data=data.path, split=split, workers=data_workers(config), device=str(runtime.device),
+                dtype=runtime.precision.dtype, seed=config.train.seed, **data.options_for(backend))
     if split == "train":
         schedule = config.schedule_for_resolution()
         args.update(batch_size=schedule.batch_size_at(0), resolution=schedule.resolution_at(0), shuffle=True,
@@ -49,9 +51,6 @@ def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> di
     else:
         args.update(batch_size=data.val_batch_size or data.batch_size, resolution=config.resolution.val,
                     shuffle=False, drop_last=False, distributed=False)
-    if overrides.get("backend", data.backend) != data.backend:   # data.options belong to data.backend
-        for key in data.options:
-            args.pop(key)
     args.update(overrides)
     return args
 
