@@ -76,7 +76,7 @@ def stored_jpegs(request):
 
 
 def test_ffcv_stock_decode_crop_resize(benchmark, stored_jpegs):
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode, resize_crop  # ffcv: as above
 
     scratch = np.zeros(512 * 512 * 3, np.uint8)
     out = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
@@ -91,7 +91,7 @@ def test_ffcv_stock_decode_crop_resize(benchmark, stored_jpegs):
 
 
 def test_ffcv_full_decode_alone_ceiling(benchmark, stored_jpegs):
-    from ffcv.libffcv import imdecode
+    from ffcv.libffcv import imdecode  # ffcv: as above
 
     scratch = np.zeros(512 * 512 * 3, np.uint8)
 

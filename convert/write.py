@@ -149,7 +149,7 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
         # a forkserver-started process would otherwise default to forkserver and fail to pickle it.
         mp.set_start_method("fork", force=True)
         import ffcv.writer  # after the start method is set
-        from ffcv.fields import IntField, RGBImageField
+        from ffcv.fields import IntField, RGBImageField  # likewise
 
         # The converter draws its own progress bar; FFCV's tqdm bar would interleave with it.
         ffcv.writer.tqdm = functools.partial(ffcv.writer.tqdm, disable=True)
