@@ -1,6 +1,7 @@
 """End-to-end trainer behaviour on the shared tiny beton set (4 classes, 96 train / 32 val images) at 32 px."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -56,6 +57,30 @@ def test_tiny_compiled_run_learns_well_above_chance_and_writes_its_outputs(train
     last = load_checkpoint(trained_run / "last.pt")
     assert last["epoch"] == 1 and last["completed"] and last["classes"] == ["class000", "class001", "class002",
                                                                             "class003"]
+    # seconds outside the step loop, per epoch and by kind; evaluation ran in both epochs
+    outside = summary["outside_step_s"]
+    assert [row["epoch"] for row in outside["per_epoch"]] == [1, 2]
+    assert all({"epoch_start", "eval", "report", "checkpoint"} <= set(row) for row in outside["per_epoch"])
+    assert outside["total"]["eval"] > 0 and all(seconds >= 0 for seconds in outside["total"].values())
+
+
+def test_best_checkpoint_is_last_checkpoint_s_bytes_not_a_second_serialisation(betons, tmp_path, monkeypatch):
+    import fastpipe.train.resume
+
+    saves = []
+    original = fastpipe.train.resume.save_checkpoint
+    monkeypatch.setattr(fastpipe.train.resume, "save_checkpoint", lambda path, state: saves.append(path.name)
+                        or original(path, state))
+    run_dir = tmp_path / "run"
+    trainer = Trainer(tiny_config(betons), run_dir)
+    real = trainer.evaluate()
+    trainer.evaluate = lambda: dataclasses.replace(real, top1=0.5 + 0.1 * len(saves))   # each one a new best
+    assert trainer.fit() == 0
+    assert saves == ["last.pt", "last.pt"]   # one serialisation per epoch
+    assert (run_dir / "best.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == 1 and best["best_top1"] == pytest.approx(0.6)
+
 
 
 def test_fine_tune_with_frozen_backbone_changes_only_the_head(trained_run, betons, tmp_path):

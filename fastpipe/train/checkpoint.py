@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from fastpipe.data.beton import atomic_write
+from fastpipe.data.beton import atomic_write, fsync_dir
 
 COMPILE_PREFIX = "_orig_mod."
 DDP_PREFIX = "module."
@@ -108,6 +109,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         state = {**state, "model": clean_state_dict(state["model"])}
     with atomic_write(path, "wb") as handle:
         torch.save(state, handle)
+    return path
+
+
+def duplicate_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path` with `source`'s bytes, without serialising the state again (best.pt beside last.pt): a hard
+    link where the filesystem allows it, else a copy; put in place by one rename. A later atomic rewrite of
+    `source` makes a new file and leaves `path` as it was."""
+    source, path = Path(source), Path(path)
+    temporary = path.with_name(f".{path.name}.link.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        with open(source, "rb") as reader, atomic_write(temporary, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
     return path
 
 

@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from fastpipe.model import set_train_mode, stem_of
 from fastpipe.report.run import RunReport
 from fastpipe.train import distributed as dist_utils
 from fastpipe.train.assemble import build_training, loader_for, resolve_stem, schedule_training
-from fastpipe.train.checkpoint import load_checkpoint
+from fastpipe.train.checkpoint import duplicate_checkpoint, load_checkpoint
 from fastpipe.train.data_wait import DataWait
 from fastpipe.train.lr_finder import sweep
 from fastpipe.train.optim import plan_epochs, rescale_lr
@@ -74,7 +74,7 @@ class Trainer:
             self.flops = write_model_summary(self.run_dir, config, self.model, stem=self.stem, classes=len(self.classes),
                                              resolution=self.plans[0].resolution, device=self.device)
         self.stop, self.started = StopRequest(), time.perf_counter()
-        self.last_eval, self.eval_scores = None, {}
+        self.last_eval, self.eval_scores, self.outside_step = None, {}, {}
         if state is not None:
             peak_lr = float(state["peak_lr"])
         else:
@@ -110,7 +110,8 @@ class Trainer:
         try:
             for plan in self.plans[self.run.start_epoch:]:
                 skip, self.run.skip_batches = self.run.skip_batches, 0
-                batches = self.begin_epoch(plan, skip)
+                with self.timed(plan, "epoch_start"):
+                    batches = self.begin_epoch(plan, skip)
                 wait, totals, started = DataWait(self.device), None, time.perf_counter()
                 self.interval = LogInterval(self.global_step, 0.0, 0.0)
                 with self.progress(plan, skip) as progress, closing(batches):   # the loader's epoch ends here
@@ -136,13 +137,16 @@ class Trainer:
                             return self.interrupted(plan)
                 metrics = self.epoch_metrics(plan, skip, totals, time.perf_counter() - started, wait)
                 if self.main and (plan.epoch == config.schedule.epochs - 1 or (plan.epoch + 1) % config.eval.every == 0):
-                    self.last_eval = self.evaluate()
+                    with self.timed(plan, "eval"):
+                        self.last_eval = self.evaluate()
                     metrics.update(self.last_eval.metrics(), **self.eval_scores)
                 improved = self.record(metrics)
-                self.report.epoch(metrics)
-                self.save("last.pt", epoch=plan.epoch, completed=True)
-                if improved:
-                    self.save("best.pt", epoch=plan.epoch, completed=True)
+                with self.timed(plan, "report"):
+                    self.report.epoch(metrics)
+                with self.timed(plan, "checkpoint"):   # one serialisation: best.pt gets last.pt's bytes
+                    self.save("last.pt", epoch=plan.epoch, completed=True)
+                    if improved and self.main:
+                        duplicate_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
                 if self.early_stop():
                     status = "early_stopped"
                     break
@@ -152,6 +156,13 @@ class Trainer:
             self.stop.uninstall()
 
     # ------------------------------------------------------------------------------ what the loop calls
+    @contextmanager
+    def timed(self, plan, kind: str):
+        """Seconds of this epoch spent outside the step loop, by kind, for summary.json."""
+        started = time.perf_counter()
+        yield
+        self.outside_step.setdefault(plan.epoch + 1, {})[kind] = round(time.perf_counter() - started, 4)
+
     def log_header(self) -> None:
         config, log = self.config, self.report.log
         log(f"run {self.run_dir} | {config.model.arch} on {self.device} ({self.precision.name}), "
@@ -295,7 +306,8 @@ class Trainer:
                    "arch": self.config.model.arch, "stem": self.stem, "width": self.config.model.width,
                    "backend": self.config.data.backend, "precision": self.precision.name,
                    "world_size": self.dist.world_size, "forward_gflops_per_image": self.flops / 1e9,
-                   "graphs_compiled": getattr(self.compile_counter, "graphs", None)}
+                   "graphs_compiled": getattr(self.compile_counter, "graphs", None),
+                   "outside_step_s": outside_step_summary(self.outside_step)}
         sample_ids = None
         if self.last_eval is not None:
             sample_ids = manifest_sample_ids(getattr(self.val_loader, "manifest", {}), "val", self.last_eval.targets)
@@ -333,3 +345,12 @@ class Trainer:
     def current_momentum(self) -> float:
         group = self.optimizer.param_groups[0]
         return float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
+
+
+def outside_step_summary(by_epoch: dict[int, dict[str, float]]) -> dict:
+    """{"per_epoch": [{epoch, kind: seconds ...}], "total": {kind: seconds}} of this session's epochs."""
+    total: dict[str, float] = {}
+    for kinds in by_epoch.values():
+        for kind, seconds in kinds.items():
+            total[kind] = round(total.get(kind, 0.0) + seconds, 4)
+    return {"per_epoch": [{"epoch": epoch, **kinds} for epoch, kinds in sorted(by_epoch.items())], "total": total}
