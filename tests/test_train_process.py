@@ -77,3 +77,22 @@ def test_two_process_ddp_on_cpu_trains_with_rank_zero_writing(betons, tmp_path):
     assert summary["world_size"] == 2
     assert (run_dir / "train.log").read_text().count("| resnet18 on cpu") == 1   # logged by rank 0 only
     assert load_checkpoint(run_dir / "last.pt")["completed"]
+
+
+def test_auto_workers_share_the_cores_among_the_ranks_on_a_node(monkeypatch):
+    from fastpipe.train import assemble
+
+    monkeypatch.setattr(assemble, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert assemble.auto_workers() == (7, "16 usable cores / 2 rank(s) on this node, less 1 for the main thread")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert assemble.auto_workers()[0] == 2            # two cores each: both go to the loader
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert assemble.auto_workers()[0] == 15
+    # under torchrun each rank sees LOCAL_WORLD_SIZE and says what it chose and why
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastpipe.train", "--config", "cpu-smoke.toml", "--data.workers=auto",
+                             "--print-config"], check=False, cwd=REPO, env=child_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("rank(s) on this node") == 2 and "/ 2 rank(s)" in result.stdout

@@ -30,8 +30,21 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def auto_workers() -> tuple[int, str]:
+    """data.workers = "auto": (workers, why). This rank's share of the usable cores (torchrun's
+    LOCAL_WORLD_SIZE ranks on this node share them), less one for the main thread, which launches the
+    step, when the share is over two; on one or two cores per rank the workers keep all of them (the
+    loader tables here were measured at 2 workers on 2 cores)."""
+    cores, ranks = usable_cores(), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, cores // ranks)
+    workers = share - 1 if share > 2 else share
+    why = f"{cores} usable cores / {ranks} rank(s) on this node" + (", less 1 for the main thread" if share > 2 else "")
+    return workers, why
+
+
 def data_workers(config: Config) -> int:
-    return usable_cores() if config.data.workers == "auto" else config.data.workers
+    """Loader workers (DALI: threads; torch: worker processes) for each rank."""
+    return auto_workers()[0] if config.data.workers == "auto" else config.data.workers
 
 
 def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:

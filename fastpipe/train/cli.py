@@ -12,6 +12,7 @@ import torch
 from fastpipe.config import Config, ConfigError, argument_parser, load_config, to_toml
 from fastpipe.data.beton import BetonError
 from fastpipe.train import distributed as dist_utils
+from fastpipe.train.assemble import auto_workers
 from fastpipe.train.checkpoint import CheckpointError
 from fastpipe.train.runtime import TrainingError
 from fastpipe.train.trainer import Trainer
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
+        if config.data.workers == "auto":
+            workers, why = auto_workers()
+            print(f"# data.workers = \"auto\": {workers} per rank ({why})")
         print(to_toml(config), end="")
         return 0
     run_dir = Path(args.resume) if args.resume else default_run_dir(config)

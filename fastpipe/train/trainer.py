@@ -21,7 +21,7 @@ from fastpipe.evaluate import evaluate, manifest_sample_ids
 from fastpipe.model import set_train_mode, stem_of
 from fastpipe.report.run import RunReport
 from fastpipe.train import distributed as dist_utils
-from fastpipe.train.assemble import build_training, loader_for, resolve_stem, schedule_training
+from fastpipe.train.assemble import auto_workers, build_training, loader_for, resolve_stem, schedule_training
 from fastpipe.train.checkpoint import duplicate_checkpoint, load_checkpoint
 from fastpipe.train.data_wait import DataWait
 from fastpipe.train.lr_finder import sweep
@@ -171,6 +171,9 @@ class Trainer:
         log(f"model: {self.stem} stem ({self.stem_reason}), width {config.model.width}, "
             + (f"EMA of weights (decay {config.model.ema_decay:g}) evaluated beside them" if self.ema is not None
                else "no EMA of weights"))
+        if config.data.workers == "auto":
+            workers, why = auto_workers()
+            log(f"data.workers auto: {workers} per rank ({why})")
         for key, value, why in config.size_defaults:
             log(f"small-image default: {key} = {value} ({why}; set {key} to choose another)")
 
