@@ -74,7 +74,6 @@ def linked_set(base: Path, folder: Path, images: int) -> Path:
 
 
 def convert_once(source, out: Path, settings, workers: int) -> tuple[float, dict]:
-
     start = time.perf_counter()
     manifest = convert_source(source, out, settings, settings, workers=workers, force=True,
                               console=Console(quiet=True))
@@ -82,7 +81,6 @@ def convert_once(source, out: Path, settings, workers: int) -> tuple[float, dict
 
 
 def throughput_rows(source, work: Path, workers: int) -> list[dict]:
-
     images = sum(len(items) for items in source.splits.values())
     convert_once(source, work / "warmup", WriteSettings(), workers)     # starts the forkserver (FFCV import)
     rows = []
@@ -105,7 +103,6 @@ def loader_img_per_s(backend: str, data: Path, args, warmup_batches: int = 4, **
 
 
 def storage_rows(source, work: Path, args, console: Console) -> tuple[list[dict], float | None]:
-
     rows, torch_img_per_s = [], None
     for mode in args.modes.split(","):
         for resolution in map(int, args.resolutions.split(",")):

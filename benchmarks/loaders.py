@@ -115,7 +115,7 @@ def parse_backend_options(pairs: list[str] | None) -> dict[str, dict]:
 
 def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: int,
                  options: dict | None = None, progress: Progress | None = None,
-                 max_batches: int | None = None) -> dict:
+                 max_batches: int | None = None, steady: bool = False) -> dict:
     """Build the loader, run warm-up + timed epochs under a resource sampler; returns one result row."""
     backend, variant_options = split_variant(case.backend)
     with ResourceSampler() as usage:
@@ -144,7 +144,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         crop_decode.reset_counters()
         for epoch in range(warmup, warmup + epochs):
             loader.set_epoch(epoch)
-            images, seconds = time_epoch(loader, device, max_batches, advance)
+            images, seconds = time_epoch(loader, device, max_batches, advance, steady)
             rates.append(images / seconds)
             usage.sample()
             rss_after_epoch.append(usage.current_rss_bytes)
@@ -172,6 +172,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "decoded_px_per_output_px": round(decoded, 2),
         "feed_us_per_sample": None if feed is None or feed.us_per_sample is None else round(feed.us_per_sample, 2),
         "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
+        "timing": "from the first batch" if steady else "whole epochs",
         "options": {**(options or {}), **variant_options},
     }
 
@@ -214,7 +215,7 @@ def measure_isolated(case: LoaderCase, data: str, device: str, epochs: int, warm
 
 def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warmup: int,
               options: dict[str, dict], console: Console, max_batches: int | None = None,
-              isolate: bool = True) -> tuple[list[dict], list[str], int]:
+              isolate: bool = True, steady: bool = False) -> tuple[list[dict], list[str], int]:
     """Measure each case; returns (rows, notes, failures). A failing case becomes a note, not a crash."""
     rows, notes, failures = [], [], 0
     skipped = unavailable_backends(sorted({case.backend for case in cases}))
@@ -234,7 +235,7 @@ def run_cases(cases: list[LoaderCase], data: str, device: str, epochs: int, warm
                                                  max_batches))
                 else:
                     rows.append(measure_case(case, data, device, epochs, warmup, backend_options,
-                                             progress, max_batches))
+                                             progress, max_batches, steady))
             except Exception as exc:  # noqa: BLE001 - one broken backend must not lose the rest
                 failures += 1
                 message = (f"{case.backend} res={case.res} workers={case.workers}: failed: "

@@ -23,13 +23,19 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None) -> tuple[int, float]:
-    """Iterate one epoch (or `max_batches`); returns (images, seconds)."""
+def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None,
+               steady: bool = False) -> tuple[int, float]:
+    """Iterate one epoch (or `max_batches`); returns (images, seconds). `steady`: the clock starts when the
+    first batch arrives and that batch is not counted, so the epoch's start (a pipeline build, workers
+    starting, the first prefetch) stays out of the rate."""
     images = 0
     start = time.perf_counter()
     iterator = iter(loader)
     for index, (_, labels) in enumerate(iterator):
-        images += int(labels.shape[0])
+        if steady and index == 0:
+            start = time.perf_counter()
+        else:
+            images += int(labels.shape[0])
         if on_batch is not None:
             on_batch()
         if max_batches is not None and index + 1 >= max_batches:

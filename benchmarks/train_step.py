@@ -5,6 +5,7 @@ ceiling) and with each real loader feeding the model. Loader rate / ceiling is t
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from benchmarks.loaders import unavailable_backends
 from benchmarks.machine import machine_info
-from benchmarks.measure import cycle_epochs, device_name, device_type_or_exit
+from benchmarks.measure import device_name, device_type_or_exit
 from benchmarks.report import make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 from fastpipe.config import ConfigError, load_config
@@ -47,7 +48,6 @@ class BenchStep:
         return None if counter is None else counter.graphs
 
     def sync(self) -> None:
-
         if self.device == "cuda":
             torch.cuda.synchronize()
 
@@ -61,7 +61,6 @@ def build_train_step(config, num_classes: int, device: str) -> BenchStep:
 
 
 def synthetic_batch(batch_size: int, resolution: int, num_classes: int, device: str, dtype=None):
-
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(device, dtype)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
@@ -95,12 +94,24 @@ def synthetic_rate(step: BenchStep, batch_size: int, resolution: int, num_classe
 
 
 def fed_rate(step: BenchStep, loader, steps: int, warmup: int = 1) -> float:
-
-    batches = cycle_epochs(loader)
+    """img/s of the step fed by `loader` inside one epoch (an epoch's start is not steady state): `warmup`
+    untimed steps, then up to `steps` timed ones, fewer when the epoch ends first."""
+    batches = iter(loader)
     try:
-        return time_steps(step, batches, steps, warmup)
+        for _ in range(warmup):
+            step(*next(batches))
+        step.sync()
+        images, start = 0, time.perf_counter()
+        for batch_images, labels in itertools.islice(batches, steps):
+            step(batch_images, labels)
+            images += int(labels.shape[0])
+        step.sync()
+        if not images:
+            raise RuntimeError(f"the loader's epoch ended within the {warmup} warm-up steps: use more data "
+                               f"or a smaller batch")
+        return images / (time.perf_counter() - start)
     finally:
-        batches.close()
+        getattr(batches, "close", lambda: None)()
 
 
 STEP_NOTE = ("the trainer's own step (fastpipe.train.assemble.build_step): same compile settings (static shapes, one "

@@ -68,7 +68,6 @@ def write_settings(args) -> tuple[WriteSettings, WriteSettings]:
 
 
 def run_conversion(args, root: Path, val_fraction: float = 0.1) -> None:
-
     train, val = write_settings(args)
     source = find_samples(root, val_fraction=val_fraction, seed=args.seed)
     if args.workers < 1:
@@ -96,7 +95,6 @@ def cmd_folder(args) -> None:
 
 
 def cmd_synthetic(args) -> None:
-
     try:
         result = make_synthetic(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed,
                                 val_per_class=args.val_per_class, min_side=args.min_size,
@@ -108,12 +106,10 @@ def cmd_synthetic(args) -> None:
 
 
 def cmd_adopt(args) -> None:
-
     adopt(args.dir, classes_file=args.classes, train=args.train, val=args.val, force=args.force)
 
 
 def cmd_verify(args) -> None:
-
     verify(args.dir)
 
 

@@ -28,7 +28,6 @@ def build_and_sweep(config, out_dir: Path) -> tuple[LRFinderResult, float]:
 
 
 def parse_args(argv: list[str] | None):
-
     parser = argument_parser("python -m fastpipe.lr_find", "LR range test for a training config "
                              "([lr_finder] start_lr, end_lr, steps control the sweep).",
                              "python -m fastpipe.lr_find --config r18.toml --lr_finder.steps=200")

@@ -54,7 +54,6 @@ def _seed_dir(runs: Path, name: str, seed: int) -> Path:
 
 
 def sweep_set(name: str, args, lrs: list[float], overrides: list[str]) -> dict:
-
     sizes = {"per_class": 12, "val_per_class": 4} if args.quick else {}
     betons = prepare(name, Path(args.out) / "data" if args.quick else Path(args.data_root), **sizes)
     common = [f"--schedule.epochs={args.epochs}", "--train.log_every=1000", *overrides]
@@ -104,7 +103,6 @@ def _geomean(values: list[float | None]) -> float | None:
 
 
 def _rule() -> str:
-
     return SUGGESTION_RULE
 
 
@@ -136,7 +134,6 @@ def markdown(results: list[dict], lrs: list[float]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> Path:
-
     fig = Figure(figsize=(4.2 * max(len(results), 1), 3.8), dpi=110, layout="constrained")
     colors = {"edge": "black", "steepest": "tab:red", "min_loss_div10": "tab:green", "valley": "tab:orange", "min_loss": "tab:purple",
               "min_loss_div2": "tab:brown"}

@@ -69,7 +69,6 @@ def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> di
 
 
 def loader_for(config: Config, split: str, runtime: Runtime, **overrides):
-
     return build(**loader_args(config, split, runtime, **overrides))
 
 
