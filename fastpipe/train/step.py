@@ -63,14 +63,14 @@ class TrainStep:
             logits = self.train_model(images)
             loss = self.criterion(logits, targets)
         finite = torch.isfinite(loss.detach())
-        if self.distributed:   # one rank's NaN reaches every rank through the gradient all-reduce
-            flag = finite.to(torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        first = self.healthy & ~finite
-        self.healthy &= finite   # stays False: no update after the first bad step
+        # one rank's NaN reaches every rank through the gradient all-reduce, so the ranks agree on the flag;
+        # the reduction runs while backward does (waited on before the update), except for fp16 below
+        agree = self.agree_async(finite) if self.distributed else None
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
+            finite = agree() if agree else finite   # the poisoned loss needs the flag before backward
+            first = self.healthy & ~finite
+            self.healthy &= finite   # stays False: no update after the first bad step
             # NaN gradients make the scaler skip the update on the device (and lower its scale)
             poisoned = loss + torch.where(self.healthy, 0.0, float("nan"))
             self.scaler.scale(poisoned).backward()
@@ -78,6 +78,9 @@ class TrainStep:
             self.scaler.update()
         else:
             loss.backward()
+            finite = agree() if agree else finite
+            first = self.healthy & ~finite
+            self.healthy &= finite
             # fused SGD/AdamW read `found_inf` on the device and leave parameters and state untouched at 1.0
             self.optimizer.found_inf = (~self.healthy).float()
             try:
@@ -100,6 +103,18 @@ class TrainStep:
             torch.where(first, self.global_step - 1 - self.totals[4], 0.0),   # -1 becomes this step's index
         ])
         self.totals += update
+
+    @staticmethod
+    def agree_async(finite: torch.Tensor):
+        """Start the ranks' AND of the finite flag; the returned function waits for it and gives the result."""
+        flag = finite.to(torch.int32)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=True)
+
+        def agreed() -> torch.Tensor:
+            work.wait()
+            return flag.bool()
+
+        return agreed
 
     def read(self) -> StepTotals:
         """The counters on the host: the only device read of a training epoch (summed over ranks)."""
