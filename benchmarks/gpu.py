@@ -25,18 +25,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loaders import LoaderCase, run_cases
 from benchmarks.machine import describe, machine_info
-from benchmarks.preflight import FIXES, PhaseFailed, preflight
 from benchmarks.report import make_console, markdown_table, print_table, write_report
-from benchmarks.train_step import build_train_step, fed_rate, synthetic_rate
-from convert.pipeline import convert_source
-from convert.sources import find_samples
-from convert.synthetic import make_synthetic
-from convert.write import WriteSettings
-from fastpipe.config import load_config
-from fastpipe.train.assemble import loader_for, usable_cores
-from fastpipe.train.runtime import build_runtime
+
+# Each phase imports what it runs inside its own function: on a box where a dependency is broken, that
+# phase fails with the error (and preflight says what to fix) instead of the whole command failing at import.
+CUDA_FIX = "torch sees no GPU: check `nvidia-smi`, the driver and CUDA_VISIBLE_DEVICES"
+
+
+class PhaseFailed(Exception):
+    """A phase that ran to its end but found failures: its findings are kept in the report."""
+
+    def __init__(self, message: str, found: dict):
+        super().__init__(message)
+        self.found = found
 
 PHASES = ("preflight", "tests", "data", "loaders", "train", "graphs")
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +112,11 @@ def gpu_tests(ctx: dict, deadline: Deadline) -> dict:
 
 
 def make_data(ctx: dict, deadline: Deadline) -> dict:
+    from convert.pipeline import convert_source
+    from convert.sources import find_samples
+    from convert.synthetic import make_synthetic
+    from convert.write import WriteSettings
+
     sizes, root = ctx["sizes"], ctx["out"] / "data"
     cores = os.cpu_count() or 1
     images = root / "images"
@@ -129,6 +136,8 @@ def make_data(ctx: dict, deadline: Deadline) -> dict:
 
 
 def loader_rows(ctx: dict, deadline: Deadline) -> dict:
+    from benchmarks.loaders import LoaderCase, run_cases
+
     sizes, notes, rows, failures = ctx["sizes"], [], [], []
     workers = ctx["workers"]
     feeds = [("ffcv", ctx["device"]), ("torch", ctx["device"]), ("dali", "cpu")]
@@ -165,6 +174,11 @@ def loader_rows(ctx: dict, deadline: Deadline) -> dict:
 
 
 def train_rows(ctx: dict, deadline: Deadline) -> dict:
+    from benchmarks.train_step import build_train_step, fed_rate, synthetic_rate
+    from fastpipe.config import load_config
+    from fastpipe.train.assemble import loader_for
+    from fastpipe.train.runtime import build_runtime
+
     sizes, notes, rows, failures = ctx["sizes"], [], [], []
     data = ctx["data"]["raw"]
     for arch in ("resnet50", "resnet18"):   # the recipe's model first: a spent budget skips ResNet-18
@@ -206,6 +220,9 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
 
 
 def graph_counts(ctx: dict, deadline: Deadline) -> dict:
+    from benchmarks.train_step import build_train_step, synthetic_rate
+    from fastpipe.config import load_config
+
     """The trainer's compiled model across set_resolution: A, B, then A again must make two graphs."""
     sizes = ctx["sizes"]
     compile_backend = "inductor" if ctx["device"] == "cuda" else "aot_eager"   # no C++ build on a small CPU
@@ -223,7 +240,13 @@ def graph_counts(ctx: dict, deadline: Deadline) -> dict:
             "compile_backend": compile_backend}
 
 
-RUNNERS = {"preflight": preflight, "tests": gpu_tests, "data": make_data, "loaders": loader_rows,
+def run_preflight(ctx: dict, deadline) -> dict:
+    from benchmarks.preflight import preflight
+
+    return preflight(ctx, deadline)
+
+
+RUNNERS = {"preflight": run_preflight, "tests": gpu_tests, "data": make_data, "loaders": loader_rows,
            "train": train_rows, "graphs": graph_counts}
 NEEDS = {"loaders": "data", "train": "data"}
 
@@ -241,7 +264,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-
+    from fastpipe.train.assemble import usable_cores
 
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     if unknown := skip - set(PHASES):
@@ -255,7 +278,7 @@ def run(args) -> int:
            "console": console, "results": [], "train_rows": [], "quiet": args.quick,
            "workers": args.workers or usable_cores()}
     if device != args.device:
-        console.print(f"[yellow]no CUDA GPU here: running the CPU phases; {FIXES['cuda']}[/yellow]")
+        console.print(f"[yellow]no CUDA GPU here: running the CPU phases; {CUDA_FIX}[/yellow]")
     phases: dict[str, dict] = {}
     started = time.perf_counter()
     for name in PHASES:

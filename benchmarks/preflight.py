@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.gpu import CUDA_FIX, PhaseFailed
 from convert.pipeline import convert_source
 from convert.sources import find_samples
 from convert.synthetic import make_synthetic
@@ -28,18 +29,10 @@ FIXES = {
     "dali": f"DALI did not load or run; {INSTALL}",
     "torch": "the torchvision baseline did not run: check torch and torchvision (torchvision.io decodes JPEGs)",
     "crop decoder": f"FFCV would fall back to its stock decoder; {INSTALL}",
-    "cuda": "torch sees no GPU: check `nvidia-smi`, the driver and CUDA_VISIBLE_DEVICES",
+    "cuda": CUDA_FIX,
     "nvjpeg": "DALI's mixed decoder did not run: the wheelhouse carries nvidia-nvjpeg (libnvjpeg.so.13) and "
               "nvimgcodec for it (`pip show nvidia-nvjpeg`), and the driver must support CUDA 13",
 }
-
-
-class PhaseFailed(Exception):
-    """A phase that ran to its end but found failures: its findings are kept in the report."""
-
-    def __init__(self, message: str, found: dict):
-        super().__init__(message)
-        self.found = found
 
 
 def preflight(ctx: dict, deadline) -> dict:

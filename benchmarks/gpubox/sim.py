@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             found = cwd / report / "results.json"
             problems += [f"{cwd.name}: {text}" for text in
                          (check_report(found, full) if found.exists() else [f"no report ({done.stderr[-500:]})"])]
-        shutil.copytree(box / "runs" / "gpubox-sim", args.out, dirs_exist_ok=True)
+        if (box / "runs" / "gpubox-sim").is_dir():
+            shutil.copytree(box / "runs" / "gpubox-sim", args.out, dirs_exist_ok=True)
     print("\n".join(f"FAILED: {text}" for text in problems) or f"gpubox-sim: ok (log and report: {args.out})")
     return 1 if problems else 0
 

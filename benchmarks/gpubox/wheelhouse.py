@@ -7,7 +7,7 @@ there with no registry, no compiler, no system package and no environment variab
   grafted too; ffcv's wheel asks for opencv-python-headless (the box's cv2) instead of opencv-python.
 - Everything else is derived, not listed: pip resolves fastpipe[dali] for Python 3.12, and a package is
   carried when the box image (image.txt) lacks it or has a version a requirement rejects.
-- Files over 60 MB go to parts/ in 55 MB pieces (a call to the box carries at most 64 MiB); README,
+- Files over 55 MiB go to parts/ in 55 MiB pieces (a call to the box carries at most 64 MiB); README,
   "GPU box, offline", joins them with one `cat` per wheel.
 """
 from __future__ import annotations
@@ -22,17 +22,19 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = Path(__file__).with_name("image.txt")
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 POLICY = "manylinux_2_35_x86_64"
 # pip's --platform takes tags one by one: every manylinux tag a glibc 2.35 box accepts
 PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(35, 16, -1)] + ["manylinux2014_x86_64"]
-SPLIT_MB, PART_MB = 60, 55
+SPLIT_MB = PART_MB = 55   # a part and the largest unsplit file both fit one 56 MiB carry
 FFCV = "ffcv==1.0.2"
 # What the manylinux policy promises and any glibc Linux has: these stay the box's own.
 SYSTEM_LIBS = ("libc.so", "libm.so", "libdl.so", "librt.so", "libpthread.so", "ld-linux", "libmvec.so",
@@ -116,10 +118,13 @@ def graft_system_leftovers(root: Path, patchelf: Path) -> None:
     it: copy each such library beside the grafted ones under its own soname, with RUNPATH $ORIGIN so its own
     needs resolve there too, until ldd finds nothing outside the wheel but the C/C++ runtime."""
     (libs,) = root.glob("*.libs")
+    env = {key: value for key, value in os.environ.items() if key != "LD_LIBRARY_PATH"}   # as on the box
+    grafted: set[str] = set()
     while True:
         outside = {}
         for library in [*root.rglob("*.so"), *libs.iterdir()]:
-            listing = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
+            listing = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True,
+                                     env=env).stdout
             for line in listing.splitlines():
                 name, _, where = line.strip().partition(" => ")
                 path = where.split(" (")[0].strip()
@@ -129,6 +134,9 @@ def graft_system_leftovers(root: Path, patchelf: Path) -> None:
                     outside[name] = Path(path)
         if not outside:
             return
+        if again := grafted & set(outside):
+            raise SystemExit(f"{', '.join(sorted(again))} still resolve outside the wheel after grafting")
+        grafted |= set(outside)
         for name, path in outside.items():
             shutil.copy2(path, libs / name)
             (libs / name).chmod(0o755)
@@ -141,7 +149,7 @@ def resolve(python312: str, wheels: Path, work: Path) -> dict[str, dict]:
     archive (ffcv's fastargs 1.x, assertpy), which is then built here."""
     report = work / "resolution.json"
     run([python312, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--report", report,
-         "--target", work / "unused", "--find-links", wheels, "fastpipe[dali]==0.1.0"])
+         "--target", work / "unused", "--find-links", wheels, f"fastpipe[dali]=={VERSION}"])
     installs = json.loads(report.read_text())["install"]
     return {canonicalize_name(item["metadata"]["name"]): {
         "version": item["metadata"]["version"], "requires_dist": item["metadata"].get("requires_dist", []),
@@ -220,8 +228,13 @@ def split_large(dest: Path) -> list[Path]:
 def carry_plan(dest: Path, python_tag: str = "cp312", limit_mb: int = 56, paths: int = 7) -> list[list[str]]:
     """The box's files (its Python's wheels, pure ones, parts) in groups a device call can carry: at most
     64 MiB with the tree and 8 paths per call. One line of CARRY.txt per call, largest files first."""
-    files = sorted((path for path in [*dest.glob("*.whl"), *dest.glob("parts/*")]
-                    if "-cp3" not in path.name or f"-{python_tag}-" in path.name),
+    def for_the_box(path: Path) -> bool:
+        if path.parent.name == "parts":
+            return True
+        tags = parse_wheel_filename(path.name)[3]
+        return any(tag.interpreter in (python_tag, "py3", "py2") or tag.abi == "abi3" for tag in tags)
+
+    files = sorted(filter(for_the_box, [*dest.glob("*.whl"), *dest.glob("parts/*")]),
                    key=lambda path: -path.stat().st_size)
     groups: list[list[Path]] = []
     for path in files:

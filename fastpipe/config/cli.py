@@ -5,25 +5,18 @@ import argparse
 import dataclasses
 import json
 
-from fastpipe.config.load import _describe, _keys
-from fastpipe.config.tree import Config, _plain
+from fastpipe.config.load import _describe, walk
+from fastpipe.config.tree import _plain
 
 
-def key_help(cls=Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def key_help() -> list[tuple[str, str, str, str]]:
     """(key, type, default, meaning) of every config key, from the dataclasses' annotations and knobs."""
     rows = []
-    for key, (f, kind) in _keys(cls).items():
-        if dataclasses.is_dataclass(kind):   # a section or a record: its own keys
-            rows += key_help(kind, f"{prefix}{key}.")
-            continue
+    for key, f, kind in walk():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "the backend's" if default is None else json.dumps(_plain(default)).replace(": ", " = ")
-        rows.append((f"{prefix}{key}", _describe(kind), shown, f.metadata.get("help", "")))
+        rows.append((key, _describe(kind), shown, f.metadata.get("help", "")))
     return rows
-
-
-def valid_keys() -> list[str]:
-    return [row[0] for row in key_help()]
 
 
 def help_text() -> str:

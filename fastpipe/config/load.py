@@ -40,6 +40,19 @@ def _keys(cls) -> dict[str, tuple[dataclasses.Field, object]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("section", True)}
 
 
+def walk(cls=Config, prefix: str = ""):
+    """(key, field, annotation) of every settable key, records opened up: data.ffcv.order, not data.ffcv."""
+    for key, (f, kind) in _keys(cls).items():
+        if dataclasses.is_dataclass(kind):
+            yield from walk(kind, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", f, kind
+
+
+def valid_keys() -> list[str]:
+    return [key for key, _, _ in walk()]
+
+
 def _unknown(name: str, candidates: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -61,16 +74,16 @@ def _describe(kind) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def _check(name: str, value, kind, base=None):
+def _check(name: str, value, kind, base=None, origin: str = ""):
     """`value` as the annotation `kind` wants it, else a ConfigError naming the key: ints pass for floats, a
     table for a section or record (merged over `base`, its value so far), a list for a tuple."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-        return _record(name, value, kind, base)
+        return _record(name, value, kind, base, origin)
     if origin in (Union, types.UnionType):
         for option in args:
             try:
-                return _check(name, value, option, base)
+                return _check(name, value, option, base, origin)
             except ConfigError:
                 pass
     elif origin is Literal:
@@ -87,18 +100,19 @@ def _check(name: str, value, kind, base=None):
     raise ConfigError(f"Config key '{name}' expects {_describe(kind)}, got {type(value).__name__} {value!r}.")
 
 
-def _record(name: str, table: dict, cls, base=None):
+def _record(name: str, table: dict, cls, base=None, origin: str = ""):
     """A TOML table as the dataclass `cls`, over `base` (the value so far) or from scratch, when every key
     without a default is given."""
     keys, values = _keys(cls), {}
     for key, value in table.items():
         path = f"{name}.{key}" if name else key
         if path in REMOVED_KEYS:
-            print(f"note: {path} is no longer used: {REMOVED_KEYS[path]}", file=sys.stderr)
-        elif key not in keys:
-            raise _unknown(path, [f"{name}.{k}" if name else k for k in keys])
+            print(f"note: {path} in {origin} is no longer used: {REMOVED_KEYS[path]}", file=sys.stderr)
+        elif key not in keys:   # the closest sections, or the closest keys anywhere in the tree
+            local = [f"{name}.{k}" if name else k for k in keys]
+            raise _unknown(path, local if not name else list(dict.fromkeys(valid_keys() + local)))
         else:
-            values[key] = _check(path, value, keys[key][1], getattr(base, key, None))
+            values[key] = _check(path, value, keys[key][1], getattr(base, key, None), origin)
     if base is not None:
         return dataclasses.replace(base, **values)
     missing = [key for key, (f, _) in keys.items() if key not in values and f.default is dataclasses.MISSING
@@ -115,6 +129,9 @@ def _upgrade(layer: dict, config: Config, origin: str) -> dict:
         return layer
     data = dict(data)
     options = data.pop("options")
+    if not isinstance(options, dict):
+        raise ConfigError(f"data.options in {origin} must be a table; backend options are now "
+                          f"[data.ffcv], [data.dali] and [data.torch] keys")
     if options:
         backend = data.get("backend", config.data.backend)
         data[backend] = {**options, **data.get(backend, {})}
@@ -173,13 +190,6 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from err
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict = (),
                 tune: str | Path | None = None) -> Config:
     """Defaults <- config file <- tune file <- overrides, each layer checked and merged into a frozen `Config`
@@ -198,7 +208,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict = ()
     config, given = Config(), {}
     for layer, origin in layers:
         layer = _upgrade(layer, config, origin)
-        config = _check("", layer, Config, config)
+        config = _check("", layer, Config, config, origin)
         for section, values in layer.items():   # which keys were set: small-image defaults leave them alone
             given.setdefault(section, set()).update(values if isinstance(values, dict) else ())
     if not config.run.name:

@@ -15,6 +15,7 @@ import numpy as np
 COUNTERS = ("samples", "decoded_pixels", "stored_pixels", "output_pixels", "full_decodes",
             "scaled_decodes", "failures")
 MAX_DENOM = 8   # DCT scales 1/1, 1/2, 1/4, 1/8
+FUNCTIONS = ("fp_decode_crop", "fp_crop_resize", "fp_scale_denom", "fp_read_counters", "fp_reset_counters")
 # The wheel is built to the manylinux_2_35 policy (make wheelhouse): glibc >= 2.35, libstdc++ of GCC >= 12.
 REQUIREMENT = "glibc >= 2.35 and libstdc++ with GLIBCXX_3.4.30 (GCC 12 or newer), as on Debian 12 or Ubuntu 22.04+"
 NOT_BUILT = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
@@ -43,8 +44,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     errors = []
     for path in _candidates():
         try:
-            return ctypes.CDLL(path), ""
-        except OSError as exc:
+            library = ctypes.CDLL(path)
+            for name in FUNCTIONS:   # another release's library lacks a function: try the next one
+                getattr(library, name)
+            return library, ""
+        except (OSError, AttributeError) as exc:
             errors.append(f"{path}: {exc}")
     if not errors:
         return None, NOT_BUILT
