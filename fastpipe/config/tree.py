@@ -186,7 +186,8 @@ def _plain(value):
     """Dataclass values as TOML-ready data: tuples as lists; None (a backend's default) and records with
     nothing set left out."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items() if v is not None and v != {} and _plain(v) != {}}
+        plain = {k: _plain(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in plain.items() if v != {}}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
