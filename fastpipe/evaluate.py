@@ -3,6 +3,7 @@ TTA), and `python -m fastpipe.evaluate RUN_DIR` to re-evaluate a saved checkpoin
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -16,10 +17,17 @@ import torch.nn.functional as F
 from fastpipe.config import ConfigError, argument_parser, load_config
 from fastpipe.data.beton import BetonError, write_json_atomic
 from fastpipe.model import stem_of
-from fastpipe.report.classes import class_names, eval_summary, write_class_report, write_predictions  # noqa: F401 - public API
+from fastpipe.report.classes import (  # noqa: F401 - write_predictions: public API
+    REPORT_FILES,
+    class_names,
+    eval_summary,
+    write_class_report,
+    write_predictions,
+)
 from fastpipe.report.run import environment
 from fastpipe.train.assemble import build_model, loader_for
 from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
+from fastpipe.train.distributed import cleanup, gather_shards
 from fastpipe.train.runtime import build_runtime
 
 
@@ -39,28 +47,28 @@ class EvalResult:
     num_classes: int
     classes: list[str] | None = None
     sample_ids: list[str] | None = None
+    shards: list[int] | None = None   # samples each rank evaluated (one entry: one process)
 
     def metrics(self) -> dict[str, float]:
         return {"val_loss": self.loss, "val_top1": self.top1, "val_top5": self.top5}
 
 
-def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | None = None,
+def evaluate(model: torch.nn.Module, loader: Iterable, *,
              autocast: Callable[[], AbstractContextManager] = nullcontext, flip_tta: bool = False,
              classes: list[str] | None = None) -> EvalResult:
-    """Run `model` in eval mode over `loader` ((images NCHW, labels) batches) without gradients.
+    """Run `model` in eval mode over `loader` ((images NCHW, labels) batches) in inference mode.
 
-    `criterion` returns the batch-mean loss (default: plain cross-entropy); `autocast()` wraps the
-    forward passes; `flip_tta` averages the logits of each batch and its left-right mirror. The train/
-    eval mode of every submodule is restored afterwards. Works on CPU and CUDA.
+    Cross-entropy per sample; `autocast()` wraps the forward passes; `flip_tta` averages the logits of each
+    batch and its left-right mirror. A loader sharded over torchrun's ranks (one of ours built with
+    distributed=True) evaluates its shard on each rank; the per-sample rows are then gathered, in the
+    order of the whole split, onto every rank, so every rank gets the same result. The train/eval mode of
+    every submodule is restored afterwards. Works on CPU and CUDA.
     """
-    criterion = criterion or F.cross_entropy
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    loss_sum, correct1, correctk, count = 0.0, 0, 0, 0
-    targets, preds, confidences = [], [], []
-    topk = num_classes = None
+    rows, topk, num_classes = [], None, None
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for images, labels in loader:
                 with autocast():
                     logits = model(images)
@@ -74,32 +82,34 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, criterion: Callable | 
                     class_names(classes, num_classes)  # fail before the whole pass if they disagree
                 # our own copy: FFCV hands out the same label buffer again a few batches later
                 labels = labels.to(logits.device, copy=True)
-                loss_sum += criterion(logits, labels).detach() * len(labels)
-                hits = logits.topk(topk, dim=1).indices == labels[:, None]
-                correct1 += hits[:, 0].sum()
-                correctk += hits.any(dim=1).sum()
+                hit_k = (logits.topk(topk, dim=1).indices == labels[:, None]).any(dim=1)
                 confidence, predicted = logits.softmax(dim=1).max(dim=1)
-                targets.append(labels)
-                preds.append(predicted)
-                confidences.append(confidence)
-                count += len(labels)
-            if count == 0:
-                raise ValueError("Evaluation got no batches: the val loader is empty (check data.path, the val "
-                                 "split in the manifest, and that drop_last is off for evaluation).")
-            # the pass's reads from the device, all after the last batch
-            loss_sum, correct1, correctk = torch.stack([loss_sum.double(), correct1.double(),
-                                                        correctk.double()]).tolist()
-            targets, preds = torch.cat(targets).cpu().numpy(), torch.cat(preds).cpu().numpy()
-            confidences = torch.cat(confidences).float().cpu().numpy()
+                # one float64 row per sample (exact for the integers): what the ranks gather
+                rows.append(torch.stack([F.cross_entropy(logits, labels, reduction="none").double(),
+                                         labels.double(), predicted.double(), confidence.double(),
+                                         hit_k.double()], dim=1))
+            local = torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
+            world = int(getattr(loader, "world_size", 1))
+            total = int(getattr(loader, "num_samples", len(local))) if world > 1 else len(local)
+            # after the last batch: the pass's only reads from the device (and, sharded, its collectives)
+            whole, shards = gather_shards(local, total, world)
+            whole = whole.cpu().numpy()
     finally:
         for module, training in modes.items():
             module.training = training
+    count = len(whole)
+    if count == 0:
+        raise ValueError("Evaluation got no batches: the val loader is empty (check data.path, the val "
+                         "split in the manifest, and that drop_last is off for evaluation).")
+    losses, targets, preds, confidences, hits_k = whole.T
+    targets, preds = targets.astype(np.int64), preds.astype(np.int64)
     sample_ids = None
     if getattr(loader, "shuffle", True) is False and hasattr(loader, "manifest"):
         sample_ids = manifest_sample_ids(loader.manifest, getattr(loader, "split", "val"), targets)
-    return EvalResult(loss=loss_sum / count, top1=correct1 / count, top5=correctk / count, targets=targets,
-                      preds=preds, confidences=confidences, count=count, topk=topk, num_classes=num_classes,
-                      classes=list(classes) if classes else None, sample_ids=sample_ids)
+    return EvalResult(loss=float(losses.mean()), top1=float((preds == targets).mean()), top5=float(hits_k.mean()),
+                      targets=targets, preds=preds, confidences=confidences.astype(np.float32), count=count,
+                      topk=topk, num_classes=num_classes, classes=list(classes) if classes else None,
+                      sample_ids=sample_ids, shards=shards)
 
 
 def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray) -> list[str] | None:
@@ -125,7 +135,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     if not classes:
         raise CheckpointError(f"{path} holds no class names; it was not written by fastpipe.train.")
 
-    runtime = build_runtime(config)
+    runtime = build_runtime(config, distributed=True)   # under torchrun each rank evaluates its shard
     model = build_model(config, len(classes), runtime, stem=stem_of(state))   # the stem the weights were trained with
     try:
         model.load_state_dict(evaluation_weights(state))
@@ -138,16 +148,17 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
     if list(loader.classes) != classes:
         raise CheckpointError(f"{path} was trained on other classes than {data.path} holds; point "
                               f"--data.path at the data set the run used.")
-    result = evaluate(model, loader, criterion=F.cross_entropy, autocast=precision.autocast,
-                      flip_tta=config.eval.flip_tta, classes=classes)
+    flip_tta = config.eval.flip_tta   # one pass, not every epoch: the test-time flip is worth it here
+    result = evaluate(model, loader, autocast=precision.autocast, flip_tta=flip_tta, classes=classes)
     out_dir = out_dir or run_dir / f"eval-{path.stem}"
-    files = write_class_report(out_dir, result, classes)
     summary = {"checkpoint": str(path), "epoch": int(state["epoch"]) + 1, **eval_summary(result, classes),
-               "weights": state.get("eval_weights", "raw"),
-               "backend": data.backend, "resolution": config.resolution.val, "flip_tta": config.eval.flip_tta,
-               "precision": precision.name, "files": {k: str(v) for k, v in files.items()},
-               "environment": environment()}
-    write_json_atomic(out_dir / "eval.json", summary)
+               "weights": state.get("eval_weights", "raw"), "backend": data.backend,
+               "resolution": config.resolution.val, "flip_tta": flip_tta, "precision": precision.name,
+               "ranks": runtime.dist.world_size, "samples_per_rank": result.shards,
+               "files": {name: str(out_dir / file) for name, file in REPORT_FILES.items()}}
+    if runtime.dist.is_main:
+        write_class_report(out_dir, result, classes)
+        write_json_atomic(out_dir / "eval.json", {**summary, "environment": environment()})
     return summary
 
 
@@ -170,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BetonError, CheckpointError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        cleanup()
+    if summary["ranks"] > 1 and os.environ.get("RANK", "0") != "0":
+        return 0   # rank 0 reports
     print(f"{summary['checkpoint']} (epoch {summary['epoch']}): val loss {summary['loss']:.4f}, "
           f"top-1 {summary['top1']:.2%}, top-{summary['topk']} {summary['top5']:.2%} on {summary['count']} images")
     print(f"Report: {Path(summary['files']['predictions']).parent} (predictions.csv, per_class.csv, "

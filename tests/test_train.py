@@ -74,7 +74,7 @@ def test_best_checkpoint_is_last_checkpoint_s_bytes_not_a_second_serialisation(b
     run_dir = tmp_path / "run"
     trainer = Trainer(tiny_config(betons), run_dir)
     real = trainer.evaluate()
-    trainer.evaluate = lambda: dataclasses.replace(real, top1=0.5 + 0.1 * len(saves))   # each one a new best
+    trainer.evaluate = lambda tta=False: dataclasses.replace(real, top1=0.5 + 0.1 * len(saves))   # each one a new best
     assert trainer.fit() == 0
     assert saves == ["last.pt", "last.pt"]   # one serialisation per epoch
     assert (run_dir / "best.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
@@ -176,7 +176,7 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
     trainer = Trainer(tiny_config(betons, "--schedule.epochs=4", "--train.early_stop_patience=1",
                                   "--data.batch_size=32"), tmp_path / "run")
     frozen = trainer.evaluate()
-    trainer.evaluate = lambda: frozen   # the same val accuracy every epoch: no improvement after the first
+    trainer.evaluate = lambda tta=False: frozen   # the same val accuracy every epoch: no improvement after the first
     assert trainer.fit() == 0
     assert list(metrics(tmp_path / "run")["epoch"]) == [1, 2]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"

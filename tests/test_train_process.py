@@ -96,3 +96,80 @@ def test_auto_workers_share_the_cores_among_the_ranks_on_a_node(monkeypatch):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("rank(s) on this node") == 2 and "/ 2 rank(s)" in result.stdout
+
+
+def predictions(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "predictions.csv")
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_shares_val_and_matches_one_process(betons, tmp_path):
+    """Training under torchrun evaluates on both ranks (each its half of val, gathered in order), and its final
+    report is what one process and two processes of `python -m fastpipe.evaluate` say of the same weights."""
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # eval.flip_tta (the default): the final evaluation adds the flip pass, as fastpipe.evaluate does
+    train = subprocess.run([*torchrun, *command(betons, run_dir, "--schedule.epochs=1", "--eval.flip_tta=true")],
+                           check=False, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout + train.stderr
+    evaluations = {}
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
+        result = subprocess.run([*launcher, "-m", "fastpipe.evaluate", str(run_dir), "--checkpoint", "last",
+                                 "--out", str(tmp_path / name)], check=False, cwd=REPO, env=child_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("top-1") == 1   # rank 0 reports
+        evaluations[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    one, two = evaluations["one"], evaluations["two"]
+    assert (one["ranks"], one["samples_per_rank"]) == (1, [32])
+    assert (two["ranks"], two["samples_per_rank"]) == (2, [16, 16])   # every sample once, half on each rank
+    assert two["top1"] == one["top1"] and two["count"] == one["count"] == 32
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    trained = json.loads((run_dir / "summary.json").read_text())
+    assert trained["eval"]["top1"] == one["top1"] and trained["final_val_top1_tta"] == one["top1"]
+    for folder in (tmp_path / "two", run_dir):
+        pd.testing.assert_frame_equal(predictions(folder).drop(columns="confidence"),
+                                      predictions(tmp_path / "one").drop(columns="confidence"))
+        assert predictions(folder)["confidence"].to_numpy() == pytest.approx(
+            predictions(tmp_path / "one")["confidence"].to_numpy(), abs=1e-4)
+        pd.testing.assert_frame_equal(pd.read_csv(folder / "per_class.csv"),
+                                      pd.read_csv(tmp_path / "one" / "per_class.csv"))
+    assert predictions(run_dir)["path"].str.startswith("val/").all()   # gathered in the manifest's order
+
+
+def gather_on_two_ranks(rank: int, port: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from fastpipe.train.distributed import gather_shards
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # 7 samples: DistributedSampler gives rank 0 positions 0 2 4 6 and rank 1 positions 1 3 5 and 7, the
+        # padding repeat of sample 0; each row here is its position, so the order is visible
+        positions = torch.arange(rank, 8, 2, dtype=torch.float64)
+        rows = torch.stack([positions, positions * 10], dim=1)
+        whole, counts = gather_shards(rows, total=7, world_size=2)
+        out.put((rank, whole.tolist(), counts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_shards_come_back_in_order_without_the_padding():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=gather_on_two_ranks, args=(rank, port, out)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = sorted(out.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    expected = [[float(p), 10.0 * p] for p in range(7)]
+    assert results == [(0, expected, [4, 3]), (1, expected, [4, 3])]

@@ -126,7 +126,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    flip_tta: bool = knob(True, "average the logits of each image and its mirror")
+    flip_tta: bool = knob(True, "average the logits of each image and its mirror, at the final evaluation")
+    tta_every: bool = knob(False, "flip TTA at every evaluation, not only the final one (a second forward pass each)")
     every: int = knob(1, "evaluate every N epochs (and always after the last)")
 
 

@@ -74,15 +74,18 @@ def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -
     return Path(path)
 
 
+REPORT_FILES = {"predictions": "predictions.csv", "per_class": "per_class.csv",
+                "top_confusions": "top_confusions.csv", "confusion_matrix": "confusion_matrix.png"}
+
+
 def write_class_report(out_dir: str | Path, result, classes=None, sample_ids=None) -> dict[str, Path]:
     """predictions.csv, per_class.csv, top_confusions.csv and confusion_matrix.png in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = class_names(classes or getattr(result, "classes", None), result.num_classes)
     matrix = confusion_matrix(result.targets, result.preds, result.num_classes)
-    paths = {"predictions": write_predictions(result, out_dir / "predictions.csv", sample_ids, names),
-             "per_class": out_dir / "per_class.csv", "top_confusions": out_dir / "top_confusions.csv",
-             "confusion_matrix": out_dir / "confusion_matrix.png"}
+    paths = {name: out_dir / file for name, file in REPORT_FILES.items()}
+    write_predictions(result, paths["predictions"], sample_ids, names)
     per_class_table(matrix, names).to_csv(paths["per_class"], index=False, float_format="%.6f")
     top_confusions(matrix, names).to_csv(paths["top_confusions"], index=False, float_format="%.6f")
     plot_confusion(matrix, names, paths["confusion_matrix"])

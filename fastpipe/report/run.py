@@ -193,6 +193,8 @@ def summarize_history(history: pd.DataFrame) -> dict:
                    final_val_top1=val["val_top1"].iloc[-1],
                    final_val_top5=val["val_top5"].iloc[-1] if "val_top5" in val else None,
                    final_val_loss=val["val_loss"].iloc[-1] if "val_loss" in val else None)
+        if "val_top1_tta" in val and val["val_top1_tta"].notna().iloc[-1]:   # the final evaluation's flip TTA
+            out["final_val_top1_tta"] = val["val_top1_tta"].iloc[-1]
     for key, name, reduce in (("epoch_time_s", "train_time_s", "sum"), ("images_per_second",
                               "mean_images_per_second", "mean"), ("data_wait_pct", "mean_data_wait_pct", "mean")):
         if key in history:

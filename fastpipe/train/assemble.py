@@ -49,8 +49,8 @@ def data_workers(config: Config) -> int:
 
 def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> dict:
     """`fastpipe.data.build_loader` keyword arguments for `split`: the train split gets the first epoch's
-    resolution and batch size and every augment key; val gets resolution.val, unshuffled and whole. `overrides` (a
-    benchmark's backend, resolution, workers, backend options ...) replace single entries; the options of
+    resolution and batch size and every augment key; val gets resolution.val, unshuffled (sharded over
+    torchrun's ranks). `overrides` (a benchmark's backend, resolution, workers, backend options ...) replace single entries; the options of
     [data.<backend>] are those of the backend that runs."""
     data, augment = config.data, config.augment
     backend = overrides.get("backend", data.backend)
@@ -62,8 +62,9 @@ def loader_args(config: Config, split: str, runtime: Runtime, **overrides) -> di
                     drop_last=True, distributed=runtime.dist.enabled, min_scale=augment.min_scale,
                     max_scale=augment.max_scale, ratio=augment.ratio, flip=augment.flip)
     else:
+        # under torchrun every rank reads its shard; evaluate() gathers the rows in the split's order
         args.update(batch_size=data.val_batch_size or data.batch_size, resolution=config.resolution.val,
-                    shuffle=False, drop_last=False, distributed=False)
+                    shuffle=False, drop_last=False, distributed=runtime.dist.enabled)
     args.update(overrides)
     return args
 

@@ -75,3 +75,44 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_shards(rows: torch.Tensor, total: int, world_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Per-sample rows (first dimension) of every rank's shard, back in the order of the whole.
+
+    Rank r read positions r, r + W, r + 2W ... of the padded order (DistributedSampler's rule, which FFCV,
+    DALI and the torch loader all follow here); positions >= `total` are the padding repeats and are dropped.
+    Returns (rows of all `total` positions, valid samples per rank); one process: the rows as given.
+    """
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return rows[:total], [min(len(rows), total)]
+    lengths = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world_size)]
+    dist.all_gather(lengths, torch.tensor([len(rows)], dtype=torch.int64, device=rows.device))
+    lengths = [int(length) for length in lengths]
+    longest = max(lengths)
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)   # all_gather, not all_gather_into_tensor: gloo has only the former
+    whole = torch.empty((total, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    filled = torch.zeros(total, dtype=torch.int64)
+    counts = []
+    for rank, (part, length) in enumerate(zip(parts, lengths)):
+        positions = torch.arange(rank, rank + length * world_size, world_size)
+        keep = positions < total
+        whole[positions[keep].to(rows.device)] = part[:length][keep.to(rows.device)]
+        filled[positions[keep]] += 1
+        counts.append(int(keep.sum()))
+    if not bool((filled == 1).all()):
+        raise RuntimeError(f"The ranks' shards do not cover the {total} samples once each (shard lengths "
+                           f"{lengths}): the loader did not shard as DistributedSampler does.")
+    return whole, counts
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: each rank updated its own copy in its
+    last forward pass, and rank 0's are the ones its checkpoint holds."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed
-import torch.nn.functional as F
 
 from fastpipe.config import Config, ConfigError
 from fastpipe.evaluate import evaluate, manifest_sample_ids
@@ -51,9 +50,9 @@ class Trainer:
         self.device, self.precision, self.dist = self.runtime.device, self.runtime.precision, self.runtime.dist
         self.main = self.dist.is_main
         state = load_checkpoint(self.run_dir / "last.pt") if resume else None
-        # loaders first, so missing data fails before a run directory is created; evaluation runs on rank 0
+        # loaders first, so missing data fails before a run directory is created; every rank evaluates its shard
         self.train_loader = loader_for(config, "train", self.runtime)
-        self.val_loader = loader_for(config, "val", self.runtime) if self.main else None
+        self.val_loader = loader_for(config, "val", self.runtime)
         self.classes = list(self.train_loader.classes)
         try:
             self.plans = plan_epochs(config, math.ceil(self.train_loader.num_samples / self.dist.world_size),
@@ -136,10 +135,10 @@ class Trainer:
                             self.save("last.pt", epoch=plan.epoch, completed=False, batches_done=done)
                             return self.interrupted(plan)
                 metrics = self.epoch_metrics(plan, skip, totals, time.perf_counter() - started, wait)
-                if self.main and (plan.epoch == config.schedule.epochs - 1 or (plan.epoch + 1) % config.eval.every == 0):
+                final = plan.epoch == config.schedule.epochs - 1
+                if final or (plan.epoch + 1) % config.eval.every == 0:
                     with self.timed(plan, "eval"):
-                        self.last_eval = self.evaluate()
-                    metrics.update(self.last_eval.metrics(), **self.eval_scores)
+                        metrics.update(self.evaluate_epoch(final))
                 improved = self.record(metrics)
                 with self.timed(plan, "report"):
                     self.report.epoch(metrics)
@@ -256,21 +255,37 @@ class Trainer:
                 "images_per_second": (plan.steps - skip) * plan.batch_size * self.dist.world_size / elapsed,
                 "epoch_time_s": elapsed, "data_wait_pct": 100.0 * wait.collect() / elapsed}
 
-    def evaluate(self):
+    def evaluate_epoch(self, final: bool) -> dict:
+        """This epoch's val metrics. Flip TTA doubles an evaluation's cost, so by default it runs once, at
+        the final evaluation, as a second pass over the chosen weights (val_top1_tta; the report shows it);
+        val_top1 itself stays without it, so every epoch's figure, and the choice of best.pt, compare alike."""
+        flip, every = self.config.eval.flip_tta, self.config.eval.tta_every
+        self.last_eval = self.evaluate(tta=flip and every)
+        metrics = {**self.last_eval.metrics(), **self.eval_scores}
+        if final and flip and not every:
+            weights = self.ema.module if self.run.eval_weights == "ema" else self.model
+            self.last_eval = self.evaluate_weights(weights, tta=True)
+            metrics.update(val_top1_tta=self.last_eval.top1, val_top5_tta=self.last_eval.top5)
+        return metrics
+
+    def evaluate(self, tta: bool = False):
         """The raw weights' evaluation, or with model.ema_decay > 0 the better of the raw and the averaged
         weights' (by top-1; `run.eval_weights` says which, `eval_scores` holds both top-1s for metrics.csv)."""
-        def run(model):
-            return evaluate(model, self.val_loader, criterion=F.cross_entropy, autocast=self.precision.autocast,
-                            flip_tta=self.config.eval.flip_tta, classes=self.classes)
-
-        raw = run(self.model)
+        raw = self.evaluate_weights(self.model, tta)
         if self.ema is None:
             return raw
-        averaged = run(self.ema.module)
+        averaged = self.evaluate_weights(self.ema.module, tta)
         self.run.eval_weights = "ema" if averaged.top1 > raw.top1 else "raw"
         self.eval_scores = {"raw_val_top1": raw.top1, "ema_val_top1": averaged.top1,
                             "ema_chosen": float(self.run.eval_weights == "ema")}
         return averaged if self.run.eval_weights == "ema" else raw
+
+    def evaluate_weights(self, module, tta: bool):
+        """Every rank evaluates its shard of val with rank 0's BatchNorm statistics (the ones last.pt
+        saves; each rank updated its own in its last forward pass); all get the gathered result."""
+        dist_utils.broadcast_buffers(module)
+        return evaluate(module, self.val_loader, autocast=self.precision.autocast, flip_tta=tta,
+                        classes=self.classes)
 
     def record(self, metrics: dict) -> bool:
         """Best top-1 and evaluations since it; True when this epoch's evaluation is the best so far."""
