@@ -82,3 +82,31 @@ def test_foreign_or_missing_file_is_reported(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_saved(tmp_path):
+    from fastpipe.train.checkpoint import CheckpointWriter
+
+    model = torch.nn.Linear(3, 2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    writer = CheckpointWriter()
+    writer.save(tmp_path / "last.pt", {"model": model.state_dict(), "epoch": 0}, copies=[tmp_path / "best.pt"],
+                background=True)
+    with torch.no_grad():   # the next step changes the weights in place while the write may still run
+        model.weight.add_(1.0)
+    writer.wait()
+    for name in ("last.pt", "best.pt"):
+        saved = load_checkpoint(tmp_path / name)["model"]
+        assert all(torch.equal(saved[key], value) for key, value in before.items())
+    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
+
+
+def test_a_failed_background_save_is_raised_at_the_next_wait(tmp_path):
+    from fastpipe.train.checkpoint import CheckpointWriter
+
+    (tmp_path / "file").write_text("not a folder")
+    writer = CheckpointWriter()
+    writer.save(tmp_path / "file" / "last.pt", {"model": {}, "epoch": 0}, background=True)
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()   # raised once

@@ -99,6 +99,7 @@ def test_train_evaluate_and_benchmark_run_on_adopted_betons(imagenet_style, tmp_
                                             "--data.batch_size=12", "--resolution.start=32", "--resolution.end=32",
                                             "--resolution.val=32", "--schedule.epochs=2"])
     monkeypatch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+    monkeypatch.setattr(RunReport, "plot_later", lambda self: None)
     assert Trainer(config, tmp_path / "run").fit() == 0
     summary = evaluate_run(tmp_path / "run", "best")
     predictions = pd.read_csv(tmp_path / "run" / "eval-best" / "predictions.csv")

@@ -23,6 +23,7 @@ TINY = ["--data.workers=1", "--data.batch_size=16", "--resolution.start=32", "--
 def no_plots():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+        patch.setattr(RunReport, "plot_later", lambda self: None)
         yield
 
 

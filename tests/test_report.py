@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,41 @@ def test_disabled_report_writes_nothing(tmp_path):
     report.epoch(epoch_metrics(1))
     assert report.finish({}, None) == {}
     assert not (tmp_path / "rank1").exists()
+
+
+def record_draw(run_dir, history, steps):
+    """A stand-in for draw_plots: notes which process drew which epoch, slowly enough to overlap."""
+    import os
+    import time
+
+    time.sleep(0.3)
+    with open(run_dir / "draws.txt", "a") as handle:
+        handle.write(f"{os.getpid()} {int(history['epoch'].iloc[-1])}\n")
+
+
+def test_background_redraws_run_in_another_process_and_the_newest_request_is_drawn(tmp_path):
+    from fastpipe.report.plots import BackgroundPlots
+
+    plots = BackgroundPlots(draw=record_draw)
+    try:
+        for epoch in range(1, 6):   # requests faster than the drawing: the ones waiting are replaced
+            plots.submit(tmp_path, pd.DataFrame({"epoch": [epoch]}), pd.DataFrame())
+        plots.wait()
+    finally:
+        plots.close()
+    draws = [line.split() for line in (tmp_path / "draws.txt").read_text().splitlines()]
+    assert {pid for pid, _ in draws} != {str(os.getpid())} and len({pid for pid, _ in draws}) == 1
+    epochs = [int(epoch) for _, epoch in draws]
+    assert epochs[0] == 1 and epochs[-1] == 5 and len(epochs) < 5 and epochs == sorted(epochs)
+
+
+def test_the_dashboard_is_drawn_while_the_epochs_go_on(tmp_path):
+    report = RunReport(tmp_path, ["a", "b"], tensorboard=False)
+    for epoch in (1, 2):
+        report.epoch(epoch_metrics(epoch))
+    assert report.background is not None   # epoch() handed the drawing over
+    report.background.wait()
+    image = imread(tmp_path / "plots" / "dashboard.png")
+    assert image[..., :3].std() > 0.05
+    report.close()
+    assert report.background is None

@@ -19,6 +19,7 @@ from fastpipe.report.run import RunReport
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     monkeypatch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+    monkeypatch.setattr(RunReport, "plot_later", lambda self: None)
 
 
 def test_lr_sweep_quick_trains_each_lr_and_auto_and_compares_every_rule(tmp_path, capsys):

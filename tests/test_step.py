@@ -21,6 +21,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     monkeypatch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+    monkeypatch.setattr(RunReport, "plot_later", lambda self: None)
 
 
 def small_run(betons, *extra):

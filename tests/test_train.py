@@ -24,6 +24,7 @@ def no_plots():
     """PNG plots cost seconds per epoch and are test_report.py's subject; here they would only slow runs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+        patch.setattr(RunReport, "plot_later", lambda self: None)
         yield
 
 
@@ -60,16 +61,16 @@ def test_tiny_compiled_run_learns_well_above_chance_and_writes_its_outputs(train
     # seconds outside the step loop, per epoch and by kind; evaluation ran in both epochs
     outside = summary["outside_step_s"]
     assert [row["epoch"] for row in outside["per_epoch"]] == [1, 2]
-    assert all({"epoch_start", "eval", "report", "checkpoint"} <= set(row) for row in outside["per_epoch"])
+    assert all({"epoch_start", "eval", "report", "plots", "checkpoint"} <= set(row) for row in outside["per_epoch"])
     assert outside["total"]["eval"] > 0 and all(seconds >= 0 for seconds in outside["total"].values())
 
 
 def test_best_checkpoint_is_last_checkpoint_s_bytes_not_a_second_serialisation(betons, tmp_path, monkeypatch):
-    import fastpipe.train.resume
+    import fastpipe.train.checkpoint
 
     saves = []
-    original = fastpipe.train.resume.save_checkpoint
-    monkeypatch.setattr(fastpipe.train.resume, "save_checkpoint", lambda path, state: saves.append(path.name)
+    original = fastpipe.train.checkpoint.save_checkpoint
+    monkeypatch.setattr(fastpipe.train.checkpoint, "save_checkpoint", lambda path, state: saves.append(path.name)
                         or original(path, state))
     run_dir = tmp_path / "run"
     trainer = Trainer(tiny_config(betons), run_dir)

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure  # object API: thread-safe, no pyplot state, no display needed
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
 from fastpipe.data.beton import atomic_write, write_json_atomic
 from fastpipe.report.classes import eval_summary, write_class_report
+from fastpipe.report.plots import PLOTS, BackgroundPlots, draw_plots  # noqa: F401 - PLOTS: public API
 from fastpipe.versions import cpu_model, package_versions
 
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "momentum",
@@ -34,7 +33,6 @@ MARKDOWN_COLUMNS = [("epoch", "epoch", "{:.0f}"), ("train_loss", "train loss", "
                     ("lr", "lr", "{:.4g}"), ("momentum", "momentum", "{:.3f}"), ("resolution", "res", "{:.0f}"),
                     ("batch_size", "batch", "{:.0f}"), ("images_per_second", "img/s", "{:,.0f}"),
                     ("epoch_time_s", "time (s)", "{:.1f}"), ("data_wait_pct", "data wait", "{:.1f}%")]
-PLOTS = ("loss", "accuracy", "lr", "momentum", "throughput", "resolution")
 
 
 class RunReport:
@@ -55,6 +53,7 @@ class RunReport:
         self.history = pd.DataFrame()
         self.steps: list[dict] = []
         self.writer = None
+        self.background = None   # the dashboard's drawing process, started at the first epoch
         if not enabled:
             return
         (self.run_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -98,8 +97,9 @@ class RunReport:
             for key, value in scalars.items():
                 self.writer.add_scalar(f"step/{key}", value, step)
 
-    def epoch(self, metrics: dict, *, echo: bool = True) -> None:
-        """Record one epoch (keys: METRIC_KEYS; missing ones are blank, extra ones are kept in the CSV)."""
+    def epoch(self, metrics: dict, *, echo: bool = True, plots: bool = True) -> None:
+        """Record one epoch (keys: METRIC_KEYS; missing ones are blank, extra ones are kept in the CSV); with
+        `plots`, ask for the dashboard's redraw (`plot_later`)."""
         if not self.enabled:
             return
         if "epoch" not in metrics:
@@ -119,32 +119,28 @@ class RunReport:
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(TENSORBOARD_TAGS.get(key, f"epoch/{key}"), value, int(row["epoch"]))
             self.writer.flush()
-        if self.plots:
-            self.plot()
+        if plots and self.plots:
+            self.plot_later()
         if echo:
             self.log(_epoch_line(row))
 
     def plot(self, *, panels: bool = False) -> dict[str, Path]:
-        """Redraw plots/dashboard.png (all panels) and, with `panels`, one PNG per panel as well."""
+        """Redraw plots/dashboard.png (all panels) and, with `panels`, one PNG per panel, here and now
+        (after any background redraw still running)."""
         if not self.enabled or self.history.empty:
             return {}
-        steps = pd.DataFrame(self.steps)
-        paths = {}
-        # Fixed margins rather than constrained layout: the same look at a third of the drawing time.
-        fig = Figure(figsize=(15, 8.5), dpi=90)
-        fig.subplots_adjust(left=0.05, right=0.95, bottom=0.07, top=0.91, wspace=0.38, hspace=0.32)
-        for ax, name in zip(fig.subplots(2, 3).flat, PLOTS):
-            _draw(name, ax, self.history, steps)
-        fig.suptitle(f"{self.run_dir.name}: epoch {int(self.history['epoch'].iloc[-1])}")
-        paths["dashboard"] = self.run_dir / "plots" / "dashboard.png"
-        fig.savefig(paths["dashboard"])
-        for name in PLOTS if panels else ():
-            fig = Figure(figsize=(7, 4.5), dpi=90)
-            fig.subplots_adjust(left=0.12, right=0.88, bottom=0.12, top=0.9)
-            _draw(name, fig.add_subplot(), self.history, steps)
-            paths[name] = self.run_dir / "plots" / f"{name}.png"
-            fig.savefig(paths[name])
-        return paths
+        if self.background is not None:
+            self.background.wait()
+        return draw_plots(self.run_dir, self.history, pd.DataFrame(self.steps), panels=panels)
+
+    def plot_later(self) -> None:
+        """Redraw the dashboard in the background (fastpipe.report.plots.BackgroundPlots): the training
+        loop goes on meanwhile."""
+        if not (self.enabled and self.plots) or self.history.empty:
+            return
+        if self.background is None:
+            self.background = BackgroundPlots()
+        self.background.submit(self.run_dir, self.history.copy(), pd.DataFrame(self.steps))
 
     def finish(self, summary: dict | None = None, eval_result=None, *, sample_ids=None) -> dict:
         """Write summary.json (best/final accuracy, time, img/s, environment, plus `summary`), the per-panel
@@ -176,6 +172,9 @@ class RunReport:
         return "\n".join(lines) + "\n"
 
     def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+            self.background = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -200,64 +199,6 @@ def summarize_history(history: pd.DataFrame) -> dict:
         if key in history:
             out[name] = getattr(history[key], reduce)()
     return out
-
-
-def _draw(name: str, ax, history: pd.DataFrame, steps: pd.DataFrame) -> None:
-    """One dashboard panel. Per-step LR/momentum curves are used when recorded, else per-epoch points."""
-    def series(key, label, scale=1.0, axis=ax, **style):
-        if key in history and history[key].notna().any():
-            data = history[["epoch", key]].dropna()
-            axis.plot(data["epoch"], data[key] * scale, marker="o", markersize=3, label=label, **style)
-
-    if name == "loss":
-        series("train_loss", "train")
-        series("val_loss", "val")
-        ax.set_ylabel("loss")
-    elif name == "accuracy":
-        series("train_top1", "train top-1", 100)
-        series("val_top1", "val top-1", 100)
-        series("val_top5", "val top-5", 100, linestyle="--")
-        ax.set_ylabel("accuracy (%)")
-    elif name in ("lr", "momentum"):
-        if name in steps and steps[name].notna().any():
-            ax.plot(steps["epoch"], steps[name], label=f"{name} (per step)")
-        else:
-            series(name, f"{name} (end of epoch)")
-        ax.set_ylabel("learning rate" if name == "lr" else "momentum")
-    elif name == "throughput":
-        series("images_per_second", "images/s", color="tab:blue")
-        ax.set_ylabel("images per second")
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.15)
-        twin = ax.twinx()
-        series("data_wait_pct", "data wait %", axis=twin, color="tab:red", linestyle="--")
-        twin.set_ylabel("data wait (% of epoch)")
-        twin.set_ylim(0, 100)
-        _joint_legend(ax, twin)
-    elif name == "resolution":
-        series("resolution", "resolution (px)", color="tab:purple")
-        ax.set_ylabel("train resolution (px)")
-        low, high = ax.get_ylim()
-        ax.set_ylim(low - 32, high + 32)
-        twin = ax.twinx()
-        series("batch_size", "batch size", axis=twin, color="tab:gray", linestyle="--")
-        twin.set_ylabel("batch size")
-        twin.set_ylim(0, max(twin.get_ylim()[1], 1) * 1.25)
-        _joint_legend(ax, twin)
-    ax.set_title(name if name != "lr" else "learning rate")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    if not ax.get_legend_handles_labels()[0] and not ax.get_legend():
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="0.5")
-    elif name not in ("throughput", "resolution"):
-        ax.legend(fontsize=8)
-
-
-def _joint_legend(ax, twin) -> None:
-    """One legend for two y axes, drawn on the upper one so lines never hide it."""
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    if handles:
-        twin.legend(handles=handles, fontsize=8, loc="center left")
 
 
 def _epoch_line(row: dict) -> str:

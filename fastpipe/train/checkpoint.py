@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -110,6 +111,59 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     with atomic_write(path, "wb") as handle:
         torch.save(state, handle)
     return path
+
+
+def host_copy(value):
+    """`value` with every tensor copied to host memory and every container rebuilt: what later steps change
+    in place (weights, optimizer moments, on any device) no longer reaches it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, host_copy(item)) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+class CheckpointWriter:
+    """Checkpoint writes, one at a time. `save(..., background=True)` copies the state to host memory (the only
+    part the caller waits for) and serialises, fsyncs and renames it in a thread while training goes on;
+    every later save, and `wait()`, first lets the write in flight finish (and raises its error)."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, path: str | os.PathLike, state: dict, *, copies=(), background: bool = False) -> None:
+        """`path` gets `state`; each of `copies` then gets the same bytes (`duplicate_checkpoint`)."""
+        self.wait()
+        if not background:
+            _write(path, state, copies)
+            return
+        state = host_copy(state)
+
+        def write():
+            try:
+                _write(path, state, copies)
+            except BaseException as err:  # noqa: BLE001 - raised in the training thread by the next wait()
+                self.error = err
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _write(path, state: dict, copies) -> None:
+    save_checkpoint(path, state)
+    for copy in copies:
+        duplicate_checkpoint(path, copy)
 
 
 def duplicate_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastpipe.train.checkpoint import CheckpointError, restore_training, save_checkpoint, training_state
+from fastpipe.train.checkpoint import CheckpointError, CheckpointWriter, restore_training, training_state
 from fastpipe.train.optim import continue_schedule
 from fastpipe.train.runtime import TrainingError
 
@@ -24,16 +24,18 @@ class RunState:
     eval_weights: str = "raw"      # the weights that scored better at the last evaluation: "raw" or "ema"
 
 
-def save_run(path: Path, training, scaler, run: RunState, *, epoch: int, completed: bool, batches_done: int,
-             wall_time: float, config: dict, classes: list[str], stem: str, **extra) -> None:
-    """`batches_done`: batches of `epoch` trained when it is not `completed` (the checkpoint's "step")."""
+def save_run(path: Path, training, scaler, run: RunState, *, writer: CheckpointWriter, epoch: int, completed: bool,
+             batches_done: int, wall_time: float, config: dict, classes: list[str], stem: str, copies=(),
+             background: bool = False, **extra) -> None:
+    """`batches_done`: batches of `epoch` trained when it is not `completed` (the checkpoint's "step");
+    `copies` get the same bytes; `background`: see CheckpointWriter."""
     ema = {"ema": training.ema.state_dict()} if training.ema is not None else {}
-    save_checkpoint(path, training_state(
+    writer.save(path, training_state(
         model=training.model, optimizer=training.optimizer, scheduler=training.scheduler, scaler=scaler,
         epoch=epoch, completed=completed, step=batches_done, global_step=training.step.global_step, config=config,
         classes=classes, stem=stem, peak_lr=run.peak_lr, lr_scale=run.lr_scale, best_top1=run.best_top1,
         epochs_since_best=run.epochs_since_best, wall_time_s=wall_time, eval_weights=run.eval_weights,
-        **ema, **extra))
+        **ema, **extra), copies=copies, background=background)
 
 
 def resume_run(state: dict, training, scaler, *, classes: list[str], total_steps: int, epochs: int, run_dir: Path,

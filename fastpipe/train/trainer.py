@@ -21,7 +21,7 @@ from fastpipe.model import set_train_mode, stem_of
 from fastpipe.report.run import RunReport
 from fastpipe.train import distributed as dist_utils
 from fastpipe.train.assemble import auto_workers, build_training, loader_for, resolve_stem, schedule_training
-from fastpipe.train.checkpoint import duplicate_checkpoint, load_checkpoint
+from fastpipe.train.checkpoint import CheckpointWriter, load_checkpoint
 from fastpipe.train.data_wait import DataWait
 from fastpipe.train.lr_finder import sweep
 from fastpipe.train.optim import plan_epochs, rescale_lr
@@ -72,7 +72,7 @@ class Trainer:
         if self.main:
             self.flops = write_model_summary(self.run_dir, config, self.model, stem=self.stem, classes=len(self.classes),
                                              resolution=self.plans[0].resolution, device=self.device)
-        self.stop, self.started = StopRequest(), time.perf_counter()
+        self.stop, self.started, self.writer = StopRequest(), time.perf_counter(), CheckpointWriter()
         self.last_eval, self.eval_scores, self.outside_step = None, {}, {}
         if state is not None:
             peak_lr = float(state["peak_lr"])
@@ -140,12 +140,13 @@ class Trainer:
                     with self.timed(plan, "eval"):
                         metrics.update(self.evaluate_epoch(final))
                 improved = self.record(metrics)
-                with self.timed(plan, "report"):
-                    self.report.epoch(metrics)
-                with self.timed(plan, "checkpoint"):   # one serialisation: best.pt gets last.pt's bytes
-                    self.save("last.pt", epoch=plan.epoch, completed=True)
-                    if improved and self.main:
-                        duplicate_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+                with self.timed(plan, "report"):   # metrics.csv, log.md, TensorBoard
+                    self.report.epoch(metrics, plots=False)
+                with self.timed(plan, "plots"):   # handed to the drawing process
+                    self.report.plot_later()
+                with self.timed(plan, "checkpoint"):   # a host copy; written while the next epoch runs
+                    self.save("last.pt", epoch=plan.epoch, completed=True, background=True,
+                              copies=[self.run_dir / "best.pt"] if improved else [])   # best.pt: the same bytes
                 if self.early_stop():
                     status = "early_stopped"
                     break
@@ -153,6 +154,7 @@ class Trainer:
             return 0
         finally:
             self.stop.uninstall()
+            self.writer.wait()   # the last checkpoint is on disk when fit() returns
 
     # ------------------------------------------------------------------------------ what the loop calls
     @contextmanager
@@ -305,9 +307,9 @@ class Trainer:
 
     def save(self, name: str, *, epoch: int, completed: bool, batches_done: int = 0, **extra) -> None:
         if self.main:
-            save_run(self.run_dir / name, self.training, self.scaler, self.run, epoch=epoch, completed=completed,
-                     batches_done=batches_done, wall_time=self.wall_time(), config=self.config.to_dict(),
-                     classes=self.classes, stem=self.stem, **extra)
+            save_run(self.run_dir / name, self.training, self.scaler, self.run, writer=self.writer, epoch=epoch,
+                     completed=completed, batches_done=batches_done, wall_time=self.wall_time(),
+                     config=self.config.to_dict(), classes=self.classes, stem=self.stem, **extra)
 
     def interrupted(self, plan) -> int:
         name = signal.Signals(self.stop.signum).name if self.stop else "a signal"
@@ -320,6 +322,7 @@ class Trainer:
     def finish(self, status: str) -> None:
         if not self.main:
             return
+        self.writer.wait()
         summary = {"status": status, "wall_time_s": self.wall_time(), "peak_lr": self.peak_lr,
                    "arch": self.config.model.arch, "stem": self.stem, "width": self.config.model.width,
                    "backend": self.config.data.backend, "precision": self.precision.name,
