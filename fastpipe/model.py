@@ -222,6 +222,14 @@ class CompileCounter:
         return torch._dynamo.lookup_backend(self.backend)(graph_module, example_inputs)
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """inductor's graph cache lookups in this process so far: {"hits": ..., "misses": ...}."""
+    from torch._dynamo.utils import counters  # local: torch._dynamo loads only where compile runs
+
+    return {"hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "misses": int(counters["inductor"]["fxgraph_cache_miss"])}
+
+
 def compile_model(model: nn.Module, backend: str = "inductor", max_graphs: int = 64):
     """torch.compile with static shapes: one specialised graph per resolution instead of a slower
     dynamic-shape graph. Returns (compiled module, CompileCounter)."""

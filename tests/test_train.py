@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import signal
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -41,7 +42,8 @@ def trained_run(betons, tmp_path_factory):
     """The cpu-smoke recipe, shrunk, with torch.compile on (inductor: C++ code generation with gcc), so the
     compiled path runs in CI. Most of this fixture's time is that one compilation."""
     run_dir = tmp_path_factory.mktemp("run")
-    assert Trainer(tiny_config(betons, "--model.compile=true"), run_dir).fit() == 0
+    cache = tmp_path_factory.mktemp("compile-cache")
+    assert Trainer(tiny_config(betons, "--model.compile=true", f"--model.compile_cache={cache}"), run_dir).fit() == 0
     return run_dir
 
 
@@ -285,3 +287,26 @@ def test_gpu_defaults_compile_once_with_mixed_precision_and_report_data_wait(bet
     history = metrics(tmp_path / "run")
     assert list(history["graphs_compiled"]) == [1, 1]
     assert history["data_wait_pct"].between(0, 100).all()
+
+
+def test_compile_time_is_reported_apart_and_a_later_run_loads_its_graphs_from_the_cache(trained_run, betons,
+                                                                                          tmp_path):
+    import subprocess
+    import sys
+
+    config = load_config(trained_run / "config.toml")
+    cache = Path(config.model.compile_cache)
+    assert any(cache.rglob("*.py")) or any(cache.rglob("*.so"))   # inductor's generated code was kept
+    summary = json.loads((trained_run / "summary.json").read_text())
+    per_epoch = summary["outside_step_s"]["per_epoch"]
+    assert per_epoch[0]["compile"] > 0 and "compile" not in per_epoch[1]   # one shape: compiled once
+    assert "left out of its img/s" in (trained_run / "train.log").read_text()
+    # a new process with the same shapes: its graphs come from the cache folder, not from a new compile
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, "-m", "fastpipe.train", "--config", str(trained_run / "config.toml"),
+                             f"--run.dir={again}", "--schedule.epochs=1", "--eval.flip_tta=false"],
+                            check=False, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in (again / "train.log").read_text().splitlines() if "compiled graphs" in line)
+    assert " 0 miss(es)" in line and " 0 hit(s)" not in line, line

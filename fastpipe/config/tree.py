@@ -87,6 +87,7 @@ class ModelConfig:
     width: int = knob(64, "channels of the first stage (torchvision: 64); 32 or 16 for small images on a CPU")
     compile: bool | Literal["auto"] = knob("auto", "torch.compile; auto: on for CUDA, off for CPU")
     compile_backend: str = knob("inductor", 'torch.compile backend ("aot_eager" to debug)')
+    compile_cache: str = knob("auto", "folder of the compiled graphs, reused by later runs; auto: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fastpipe/inductor")
     channels_last: bool = knob(True, "NHWC memory format (faster convolutions on tensor cores)")
     blurpool: bool = knob(True, "anti-aliased strided convolutions")
     freeze: Literal["none", "bn", "backbone"] = knob("none", "bn: BatchNorm fixed; backbone: only the head trains")

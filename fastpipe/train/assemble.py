@@ -111,6 +111,25 @@ def uses_compile(config: Config, runtime: Runtime) -> bool:
     return config.model.compile if config.model.compile != "auto" else runtime.device_type == "cuda"
 
 
+def compile_cache(setting: str) -> Path:
+    """model.compile_cache -> the folder inductor (and Triton, on a GPU) keep compiled graphs in, set for this
+    process and the compile workers it starts. A later run (or a resumed one, or another rank on this node)
+    with the same shapes loads its graphs from there instead of compiling them again."""
+    if setting == "auto":
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or home / "fastpipe" / "inductor")
+    else:
+        folder = Path(setting).expanduser()
+    folder = folder.resolve()
+    import torch._functorch.config  # local: compile's configuration, loaded only when compiling
+    import torch._inductor.config
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    torch._inductor.config.fx_graph_cache = True          # on by default in recent torch: said, not assumed
+    torch._functorch.config.enable_autograd_cache = True   # the backward graph too
+    return folder
+
+
 def wrap_for_training(model: nn.Module, config: Config, runtime: Runtime):
     """The same weights behind DDP (under torchrun) and torch.compile (static shapes: one graph per
     resolution and batch size). Returns (module to train, CompileCounter or None)."""
@@ -120,6 +139,7 @@ def wrap_for_training(model: nn.Module, config: Config, runtime: Runtime):
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if not uses_compile(config, runtime):
         return train_model, None
+    compile_cache(config.model.compile_cache)
     return compile_model(train_model, config.model.compile_backend)
 
 

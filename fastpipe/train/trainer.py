@@ -17,7 +17,7 @@ import torch.distributed
 
 from fastpipe.config import Config, ConfigError
 from fastpipe.evaluate import evaluate, manifest_sample_ids
-from fastpipe.model import set_train_mode, stem_of
+from fastpipe.model import compile_cache_counts, set_train_mode, stem_of
 from fastpipe.report.run import RunReport
 from fastpipe.train import distributed as dist_utils
 from fastpipe.train.assemble import auto_workers, build_training, loader_for, resolve_stem, schedule_training
@@ -112,6 +112,7 @@ class Trainer:
                 with self.timed(plan, "epoch_start"):
                     batches = self.begin_epoch(plan, skip)
                 wait, totals, started = DataWait(self.device), None, time.perf_counter()
+                compile_s, compiled_steps = 0.0, 0
                 self.interval = LogInterval(self.global_step, 0.0, 0.0)
                 with self.progress(plan, skip) as progress, closing(batches):   # the loader's epoch ends here
                     for index in range(skip, plan.steps):
@@ -120,7 +121,11 @@ class Trainer:
                         wait.ready()
                         if batch is not None:
                             self.interval.lrs.append(self.current_lr())
+                            graphs, step_started = self.graphs_compiled(), time.perf_counter()
                             self.train_step(*batch)
+                            if self.graphs_compiled() != graphs:   # a new shape: this step was mostly compiling
+                                compile_s += time.perf_counter() - step_started
+                                compiled_steps += 1
                             wait.step_done()
                             progress.advance()
                         at_log = batch is not None and (self.global_step % config.train.log_every == 0
@@ -134,7 +139,14 @@ class Trainer:
                                 self.log_point(plan, done - 1)
                             self.save("last.pt", epoch=plan.epoch, completed=False, batches_done=done)
                             return self.interrupted(plan)
-                metrics = self.epoch_metrics(plan, skip, totals, time.perf_counter() - started, wait)
+                if compiled_steps:
+                    self.outside_step.setdefault(plan.epoch + 1, {})["compile"] = round(compile_s, 4)
+                    cache = compile_cache_counts()
+                    self.report.log(f"compile: {compiled_steps} step(s) of epoch {plan.epoch + 1} compiled graphs, "
+                                    f"{compile_s:.1f} s, left out of its img/s (graph cache so far: "
+                                    f"{cache['hits']} hit(s), {cache['misses']} miss(es))")
+                metrics = self.epoch_metrics(plan, skip, totals, time.perf_counter() - started, wait,
+                                             compile_s=compile_s, compiled_steps=compiled_steps)
                 final = plan.epoch == config.schedule.epochs - 1
                 if final or (plan.epoch + 1) % config.eval.every == 0:
                     with self.timed(plan, "eval"):
@@ -164,6 +176,9 @@ class Trainer:
         yield
         self.outside_step.setdefault(plan.epoch + 1, {})[kind] = round(time.perf_counter() - started, 4)
 
+    def graphs_compiled(self) -> int:
+        return 0 if self.compile_counter is None else self.compile_counter.graphs
+
     def log_header(self) -> None:
         config, log = self.config, self.report.log
         log(f"run {self.run_dir} | {config.model.arch} on {self.device} ({self.precision.name}), "
@@ -172,6 +187,9 @@ class Trainer:
         log(f"model: {self.stem} stem ({self.stem_reason}), width {config.model.width}, "
             + (f"EMA of weights (decay {config.model.ema_decay:g}) evaluated beside them" if self.ema is not None
                else "no EMA of weights"))
+        if self.compile_counter is not None:
+            log(f"compile cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR')} (model.compile_cache; later runs with the "
+                f"same shapes load their graphs from it); steps that compile are timed apart from img/s")
         if config.data.workers == "auto":
             workers, why = auto_workers()
             log(f"data.workers auto: {workers} per rank ({why})")
@@ -248,14 +266,20 @@ class Trainer:
             f"to keep what it learned, or run the LR finder: `python -m fastpipe.lr_find --config ...`. last.pt "
             f"holds the weights from before step {first + 1} (BatchNorm statistics from the log point before it).")
 
-    def epoch_metrics(self, plan, skip: int, totals, elapsed: float, wait: DataWait) -> dict:
+    def epoch_metrics(self, plan, skip: int, totals, elapsed: float, wait: DataWait, *, compile_s: float = 0.0,
+                      compiled_steps: int = 0) -> dict:
+        """The epoch's row of metrics.csv. img/s and data wait leave out the steps that compiled a graph
+        (their time is compile_s, reported in summary.json's outside_step_s) unless no other step ran."""
         totals = totals or self.train_step.read()   # resumed exactly at the epoch's end: nothing was stepped
         compiled = {} if self.compile_counter is None else {"graphs_compiled": self.compile_counter.graphs}
+        steps, timed = plan.steps - skip, elapsed
+        if steps > compiled_steps:
+            steps, timed = steps - compiled_steps, elapsed - compile_s
         return {**compiled, "epoch": plan.epoch + 1, "train_loss": totals.loss_sum / max(totals.samples, 1),
                 "train_top1": totals.correct / max(totals.samples, 1), "lr": self.current_lr(),
                 "momentum": self.current_momentum(), "resolution": plan.resolution, "batch_size": plan.batch_size,
-                "images_per_second": (plan.steps - skip) * plan.batch_size * self.dist.world_size / elapsed,
-                "epoch_time_s": elapsed, "data_wait_pct": 100.0 * wait.collect() / elapsed}
+                "images_per_second": steps * plan.batch_size * self.dist.world_size / timed,
+                "epoch_time_s": elapsed, "data_wait_pct": 100.0 * wait.collect() / timed}
 
     def evaluate_epoch(self, final: bool) -> dict:
         """This epoch's val metrics. Flip TTA doubles an evaluation's cost, so by default it runs once, at
