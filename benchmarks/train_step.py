@@ -52,10 +52,10 @@ class BenchStep:
             torch.cuda.synchronize()
 
 
-def build_train_step(config, num_classes: int, device: str) -> BenchStep:
+def build_train_step(config, num_classes: int, device: str, distributed: bool = False) -> BenchStep:
     """Model, compile settings, channels-last, precision, optimizer, schedule and step exactly as
-    `fastpipe.train` builds them (`fastpipe.train.assemble`), on `device`."""
-    runtime = build_runtime(config, device=device)
+    `fastpipe.train` builds them (`fastpipe.train.assemble`), on `device` (under torchrun with `distributed`)."""
+    runtime = build_runtime(config, device=device, distributed=distributed)
     return BenchStep(build_benchmark_training(config, num_classes, runtime), runtime.device_type,
                      runtime.precision.dtype)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -321,3 +323,18 @@ def test_loader_rows_give_the_decoding_work_of_each_ffcv_decoder(betons):
     assert split_variant("ffcv:crop") == ("ffcv", {"decoder": "crop"})
     with pytest.raises(SystemExit, match="unknown backend variant"):
         split_variant("torch:fast")
+
+
+def test_ddp_benchmark_times_each_option_pair_under_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "ddp", "--steps=1", "--rounds=1", "--res=32",
+                             "--batch-size=4", f"--out={out}"], check=False, capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert {(row["broadcast_buffers"], row["bucket_view"]) for row in rows} == {
+        (True, False), (True, True), (False, False), (False, True)}
+    assert all(row["processes"] == 2 and row["ms_per_step"] > 0 for row in rows)
+    assert "gradient_as_bucket_view" in result.stdout   # rank 0's table, once
+    assert result.stdout.count("DDP options:") == 1

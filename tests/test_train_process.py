@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from fastpipe.config import load_config
 from fastpipe.train import Trainer
@@ -63,20 +64,32 @@ def test_sigterm_saves_last_checkpoint_prints_the_resume_command_and_exits_zero(
     assert resumed.global_step == state["global_step"]
 
 
+def torchrun_training(betons, run_dir, *extra) -> None:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *command(betons, run_dir, "--schedule.epochs=1", "--train.deterministic=true", *extra)],
+                            check=False, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_trains_with_rank_zero_writing(betons, tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *command(betons, run_dir, "--schedule.epochs=1")],
-                            check=False, cwd=REPO, env=child_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    torchrun_training(betons, run_dir)
     history = pd.read_csv(run_dir / "metrics.csv")
     assert len(history) == 1 and history["val_top1"].notna().all()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert (run_dir / "train.log").read_text().count("| resnet18 on cpu") == 1   # logged by rank 0 only
-    assert load_checkpoint(run_dir / "last.pt")["completed"]
+    ours = load_checkpoint(run_dir / "last.pt")
+    assert ours["completed"]
+    # DDP's own defaults (rank 0's BatchNorm statistics sent before every forward, gradients copied out of
+    # the buckets) end in the same rank-0 state as ours (sent once before evaluating, gradients in place)
+    torchrun_training(betons, tmp_path / "defaults", "--train.ddp_broadcast_buffers=true",
+                      "--train.ddp_bucket_view=false")
+    theirs = load_checkpoint(tmp_path / "defaults" / "last.pt")
+    assert ours["model"].keys() == theirs["model"].keys()
+    assert all(torch.equal(ours["model"][key], theirs["model"][key]) for key in ours["model"])
+    assert pd.read_csv(tmp_path / "defaults" / "metrics.csv")["val_top1"].tolist() == history["val_top1"].tolist()
 
 
 def test_auto_workers_share_the_cores_among_the_ranks_on_a_node(monkeypatch):

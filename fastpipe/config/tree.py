@@ -123,6 +123,8 @@ class TrainConfig:
     deterministic: bool = knob(False, "deterministic kernels (slower), for bitwise-repeatable runs")
     early_stop_patience: int = knob(0, "evaluations without val top-1 improvement; 0 turns it off")
     log_every: int = knob(50, "steps between log lines and reads of the loss from the device")
+    ddp_broadcast_buffers: bool = knob(False, "DDP sends rank 0's BatchNorm statistics before every forward; off: once, before each evaluation (rank 0's, and so results, are the same)")
+    ddp_bucket_view: bool = knob(True, "DDP gradients as views of its reduction buckets: no copy, less memory")
 
 
 @dataclass(frozen=True)

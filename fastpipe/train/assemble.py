@@ -6,6 +6,7 @@ build through these functions and nowhere else, so a benchmark times exactly wha
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,14 @@ def wrap_for_training(model: nn.Module, config: Config, runtime: Runtime):
     train_model = model
     if runtime.dist.enabled:
         ids = [runtime.device.index] if runtime.device_type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # measured choices (`python -m benchmarks ddp`): no buffer broadcast per forward (the trainer sends
+        # rank 0's statistics before evaluating), gradients reduced in place in the buckets
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.14 renamed broadcast_buffers (the box's 2.11 knows only the old name)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+            "broadcast_buffers"
+        train_model = ddp(model, device_ids=ids, gradient_as_bucket_view=config.train.ddp_bucket_view,
+                          **{sync: config.train.ddp_broadcast_buffers})
     if not uses_compile(config, runtime):
         return train_model, None
     compile_cache(config.model.compile_cache)
