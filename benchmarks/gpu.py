@@ -44,7 +44,8 @@ PHASES = ("preflight", "tests", "data", "loaders", "train", "graphs")
 REPO = Path(__file__).resolve().parent.parent
 LOADER_COLUMNS = {"backend": "backend", "storage": "storage", "res": "res", "workers": "workers",
                   "batch_size": "batch", "img_per_s": "img/s", "ratio_to_torch": "x torch", "peak_rss_mb": "peak RSS MB",
-                  "cpu_util_pct": "CPU %", "feed_us_per_sample": "feed µs/img"}
+                  "cpu_util_pct": "CPU %", "feed_us_per_sample": "feed µs/img",
+                  "epoch_start_s": "epoch start s", "epoch_start_batches": "start (batches)"}
 TRAIN_COLUMNS = {"arch": "model", "feed": "feed", "storage": "storage", "res": "res", "batch_size": "batch",
                  "img_per_s": "img/s", "ratio_to_synthetic": "x synthetic"}
 

@@ -36,6 +36,8 @@ LEGEND = [
      "(shared pages split between processes)"),
     "CPU %: CPU time of the tree over wall time, as a share of all usable cores",
     "feed µs/img: DALI only, main-thread time spent handing each sample to the pipeline (timed epochs)",
+    ("start (batches): time from iter() to an epoch's first batch (timed epochs, median), in steady-state "
+     "batch times"),
     ("decoded px/out px: pixels decoded per output pixel; ffcv's crop decoder counts what it decoded, "
      "ffcv:stock and dali the stored size of every JPEG sample (raw samples decode none), torch the size "
      "of every original file"),
@@ -136,7 +138,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         for epoch in range(warmup):
             loader.set_epoch(epoch)
             warmup_s += time_epoch(loader, device, max_batches, advance)[1]
-        rates, rss_after_epoch, pss_after_epoch = [], [], []
+        rates, starts, batch_times, rss_after_epoch, pss_after_epoch = [], [], [], [], []
         images = 0
         feed = getattr(loader, "feed", None)   # DALI: main-thread time handing batches over
         if feed is not None:
@@ -144,8 +146,10 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         crop_decode.reset_counters()
         for epoch in range(warmup, warmup + epochs):
             loader.set_epoch(epoch)
-            images, seconds = time_epoch(loader, device, max_batches, advance, steady)
+            images, seconds, first_batch = time_epoch(loader, device, max_batches, advance, steady)
             rates.append(images / seconds)
+            starts.append(first_batch)
+            batch_times.append(case.batch_size / rates[-1])
             usage.sample()
             rss_after_epoch.append(usage.current_rss_bytes)
             pss_after_epoch.append(usage.tree_pss_bytes())
@@ -171,6 +175,9 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "rss_growth_pct": None if growth is None else round(growth, 2),
         "decoded_px_per_output_px": round(decoded, 2),
         "feed_us_per_sample": None if feed is None or feed.us_per_sample is None else round(feed.us_per_sample, 2),
+        # time to an epoch's first batch (after the warm-up epochs), in seconds and in steady batch times
+        "epoch_start_s": round(statistics.median(starts), 4),
+        "epoch_start_batches": round(statistics.median(starts) / statistics.median(batch_times), 2),
         "epochs": epochs, "images_per_epoch": images, "warmup_s": round(warmup_s, 3),
         "timing": "from the first batch" if steady else "whole epochs",
         "options": {**(options or {}), **variant_options},

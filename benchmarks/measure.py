@@ -24,14 +24,18 @@ def device_name(device: str) -> str:
 
 
 def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=None,
-               steady: bool = False) -> tuple[int, float]:
-    """Iterate one epoch (or `max_batches`); returns (images, seconds). `steady`: the clock starts when the
-    first batch arrives and that batch is not counted, so the epoch's start (a pipeline build, workers
-    starting, the first prefetch) stays out of the rate."""
-    images = 0
+               steady: bool = False) -> tuple[int, float, float]:
+    """Iterate one epoch (or `max_batches`); returns (images, seconds, seconds to the first batch). `steady`:
+    the clock starts when the first batch arrives and that batch is not counted, so the epoch's start (a
+    pipeline build, workers starting, the first prefetch) stays out of the rate; it is the third figure."""
+    images, first_batch = 0, 0.0
     start = time.perf_counter()
     iterator = iter(loader)
     for index, (_, labels) in enumerate(iterator):
+        if index == 0:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            first_batch = time.perf_counter() - start
         if steady and index == 0:
             start = time.perf_counter()
         else:
@@ -44,7 +48,7 @@ def time_epoch(loader, device: str, max_batches: int | None = None, on_batch=Non
         torch.cuda.synchronize()   # batches are handed over asynchronously; count only finished work
     seconds = time.perf_counter() - start
     del iterator
-    return images, seconds
+    return images, seconds, first_batch
 
 
 def cycle_epochs(loader, first_epoch: int = 0):

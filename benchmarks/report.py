@@ -22,7 +22,8 @@ TABLE_COLUMNS = {
     "backend": "backend", "split": "split", "res": "res", "workers": "workers", "batch_size": "batch",
     "img_per_s": "img/s", "img_per_s_min": "min", "img_per_s_max": "max", "ratio_to_torch": "x torch",
     "peak_rss_mb": "peak RSS MB", "pss_mb": "PSS MB", "cpu_util_pct": "CPU %",
-    "decoded_px_per_output_px": "decoded px/out px", "feed_us_per_sample": "feed µs/img", "device": "device",
+    "decoded_px_per_output_px": "decoded px/out px", "feed_us_per_sample": "feed µs/img",
+    "epoch_start_batches": "start (batches)", "device": "device",
 }
 
 

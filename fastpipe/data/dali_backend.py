@@ -1,24 +1,32 @@
 """DALI backend: the beton's stored bytes go through `fn.external_source` into DALI.
 
-A batch is fed as views into the memory-mapped beton (no per-sample copy or header in Python), with a
-per-sample "raw" flag and shape. A DALI conditional splits the batch: JPEG samples go to the decoders with
-ROI decoding (only the crop region; nvJPEG with device="mixed" on a GPU), raw-pixel samples (write modes
-raw/smart/proportion) are reshaped to HxWx3 and cropped without any decoder. Without a GPU the whole
-pipeline runs on the CPU (device_id=None).
+A batch is fed as views into the memory-mapped beton (no per-sample copy in Python), with one metadata row
+per sample (shape, a "raw" flag, label, mirror flag) and its crop window: the val centre crop, or for train
+FFCV's random-resized crop and flip drawn from (seed, epoch, sample) (`fastpipe.data.crops`), so one built
+pipeline serves every epoch at a resolution and batch size, and a resumed run crops alike. A feeding thread
+prepares the batches (slices, crop draws, DALI tensor wrappers); the main thread only hands each one over.
+
+A DALI conditional splits the batch: JPEG samples go to the decoder with ROI decoding (only the crop window;
+nvJPEG with device="mixed" on a GPU), raw-pixel samples (write modes raw/smart/proportion) are reshaped to
+HxWx3 and sliced without any decoder. Without a GPU the whole pipeline runs on the CPU (device_id=None).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
+from fastpipe.data.base import LoaderBase
 from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
-from fastpipe.data.seeding import sample_seed
+from fastpipe.data.crops import center_crop_windows, random_crop_windows
 
 # A process forked while DALI pipelines exist (a torch DataLoader's workers, say) inherits them without
 # their threads; if it then frees one, DALI's __del__ waits for those threads forever. Children keep
@@ -26,19 +34,12 @@ from fastpipe.data.seeding import sample_seed
 _PIPELINES: weakref.WeakSet = weakref.WeakSet()
 _INHERITED: list = []
 os.register_at_fork(after_in_child=lambda: _INHERITED.extend(_PIPELINES))
-
-
-def center_crop_windows(width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FFCV's val crop in pixels, (x, y) anchors and (w, h) shapes: a centred square of 0.875 x the
-    shorter side, with FFCV's integer rounding (a half-pixel shift shows on fine textures)."""
-    side = (VAL_CROP_RATIO * np.minimum(width, height)).astype(np.int64)
-    anchor = np.stack([(width - side) // 2, (height - side) // 2], axis=1)
-    return anchor.astype(np.float32), np.stack([side, side], axis=1).astype(np.float32)
+_END = object()
 
 
 class FeedColumns:
-    """What the feed needs of every sample, worked out once per loader (train builds a source per epoch):
-    byte ranges in the memory-mapped beton, and one int64 metadata row (height, width, 3, raw, label)."""
+    """What the feed needs of every sample, worked out once per loader: byte ranges in the memory-mapped
+    beton, one int64 metadata row (height, width, 3, raw, label, mirror) and the val crop window."""
     def __init__(self, samples: BetonSamples):
         self.data = np.asarray(samples.data)   # a plain ndarray over the map: slicing it is cheaper
         raw = samples.mode == MODE_RAW
@@ -46,43 +47,96 @@ class FeedColumns:
         self.starts = samples.offset
         self.ends = samples.offset + np.where(raw, pixels, samples.size)
         self.meta = np.stack([samples.height, samples.width, np.full_like(samples.width, 3), raw,
-                              samples.labels], axis=1).astype(np.int64)
-        self.width, self.height = samples.width, samples.height
+                              samples.labels, np.zeros_like(samples.labels)], axis=1).astype(np.int64)
+        self.width, self.height = samples.width.astype(np.int64), samples.height.astype(np.int64)
+        self.center_windows = center_crop_windows(self.width, self.height)
 
 
 class BetonSource:
-    """Batches of (image bytes, metadata[, val crop windows]) in the epoch's order.
+    """DALI's external source: each epoch's batches of (image bytes, metadata, crop windows), in the
+    epoch's order, prepared by a feeding thread a few batches ahead.
 
-    Image bytes are views into the beton's memory map, which DALI reads in place (no_copy); metadata is
-    one `FeedColumns.meta` row per sample and windows one float row, (x, y, width, height): few outputs,
-    because each costs the main thread a fixed amount per batch.
-
-    With cycle="raise" DALI calls iter() again at each epoch's end; the generator body (and so the
-    order it reads) only runs when the next epoch's first batch is scheduled, after `order` is set.
+    With `upcoming` (a function of the epoch giving its order; whole batches only) the stream does not end:
+    after an epoch's last batch it goes on with the next epoch's, so DALI decodes them while the trainer
+    finishes the epoch, and the next one starts on batches already made. Without it, DALI calls iter()
+    again at each epoch's end (cycle="raise"); the generator body (and so the order it reads) only runs when
+    the next epoch's first batch is scheduled, after `order` and `epoch` are set.
     """
-    def __init__(self, columns: FeedColumns, batch_size: int, crop_windows: bool, feed: FeedCost | None = None):
-        self.columns, self.batch_size, self.feed = columns, batch_size, feed
-        self.crop_windows = crop_windows   # val only: train crops are drawn by DALI
-        self.order = np.zeros(0, dtype=np.int64)
-        self.alive: list = []
+    def __init__(self, columns: FeedColumns, batch_size: int, *, train: bool, seed: int = 0,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, ahead: int = 2,
+                 feed: FeedCost | None = None, upcoming=None):
+        self.columns, self.batch_size, self.feed, self.upcoming = columns, batch_size, feed, upcoming
+        self.train, self.seed, self.scale, self.ratio, self.flip = train, seed, scale, ratio, flip
+        self.ahead = ahead
+        self.order, self.epoch = np.zeros(0, dtype=np.int64), 0
+        # DALI reads the no_copy inputs after the hand-over returns: the last batches stay referenced here
+        self.alive: deque = deque(maxlen=2 * (ahead + 2))
+        self.stopping: threading.Event | None = None
+        self.thread: threading.Thread | None = None
+
+    def batch(self, indices: np.ndarray, epoch: int) -> tuple:
+        """One batch as DALI takes it without per-sample work in the main thread (runs in the feeding thread)."""
+        from nvidia.dali.tensors import TensorCPU, TensorListCPU  # DALI: optional, loaded with the backend
+
+        columns = self.columns
+        data = columns.data
+        meta = columns.meta[indices]
+        if self.train:
+            windows, meta[:, 5] = random_crop_windows(self.seed, epoch, indices, columns.height, columns.width,
+                                                      self.scale, self.ratio, self.flip)
+        else:
+            windows = columns.center_windows[indices]
+        # one DALI list over the samples where they lie in the map (contiguous=False: no copy), so the hand-over
+        # in the main thread is one call per batch instead of a check and a wrapper per sample
+        encoded = TensorListCPU([TensorCPU(data[begin:end]) for begin, end in
+                                 zip(columns.starts[indices].tolist(), columns.ends[indices].tolist())], None, False)
+        return encoded, TensorListCPU(meta), TensorListCPU(windows)
+
+    def fill(self, order: np.ndarray, epoch: int, ready: queue.Queue, stopping: threading.Event) -> None:
+        try:
+            while True:
+                for start in range(0, len(order), self.batch_size):
+                    item = self.batch(order[start:start + self.batch_size], epoch)
+                    while not stopping.is_set():
+                        try:
+                            ready.put(item, timeout=0.05)
+                            break
+                        except queue.Full:
+                            continue
+                    if stopping.is_set():
+                        return
+                if self.upcoming is None:
+                    ready.put(_END)
+                    return
+                epoch += 1
+                order = self.upcoming(epoch)
+        except Exception as err:  # noqa: BLE001 - handed to the main thread, which raises it
+            ready.put(err)
 
     def __iter__(self):
-        per_sample, order = self.columns, self.order
-        data = per_sample.data
-        # Everything DALI reads is a view of arrays this object keeps (the external source runs with
-        # no_copy): the epoch's columns in epoch order, kept until the epoch after next starts.
-        columns = [per_sample.meta[order]]
-        if self.crop_windows:
-            windows = center_crop_windows(per_sample.width[order], per_sample.height[order])
-            columns.append(np.concatenate(windows, axis=1))
-        self.alive = [*self.alive[-1:], columns]
-        starts, ends = per_sample.starts[order].tolist(), per_sample.ends[order].tolist()
-        for start in range(0, len(order), self.batch_size):
-            stop = min(start + self.batch_size, len(order))
-            encoded = [data[begin:end] for begin, end in zip(starts[start:stop], ends[start:stop])]
-            if self.feed is not None:
-                self.feed.samples += stop - start
-            yield encoded, *(column[start:stop] for column in columns)
+        self.stop()
+        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
+        self.stopping = stopping = threading.Event()
+        self.thread = threading.Thread(target=self.fill, args=(self.order, self.epoch, ready, stopping), daemon=True,
+                                       name="dali-feed")
+        self.thread.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                self.alive.append(item)
+                if self.feed is not None:
+                    self.feed.samples += len(item[0])
+                yield item
+        finally:
+            stopping.set()
+
+    def stop(self) -> None:
+        """End the feeding thread of an epoch left unfinished."""
+        if self.thread is not None:
+            self.stopping.set()
+            self.thread.join()
+            self.thread = None
 
 
 class FeedCost:
@@ -104,6 +158,7 @@ class EpochRunner:
     def __init__(self, pipeline, source: BetonSource, feed: FeedCost):
         self.pipeline, self.source, self.iterator = pipeline, source, None
         self.finished = True   # False while an epoch is in flight
+        self.next_epoch = -1     # with an endless source: the epoch its stream is on
         # DALI runs the external source in the calling thread, in Pipeline._run_input_callbacks (it
         # reads the source, then copies the batch in); timing it there is the main thread's feed cost.
         # A weak reference: a closure over the bound method would keep the pipeline (threads, decoder
@@ -118,23 +173,47 @@ class EpochRunner:
                 feed.seconds += time.thread_time() - started
         pipeline._run_input_callbacks = timed
 
-    def epoch(self, order: np.ndarray):
+    def reusable(self, epoch: int) -> bool:
+        """Whether `epoch` can run on this pipeline: its last epoch ran to the end and, with an endless
+        stream, the stream is on `epoch` (it fed `upcoming(epoch)`, the order the loader would use: an
+        epoch's order is a function of seed, epoch, rank and batch size alone)."""
+        return self.finished and (self.iterator is None or self.source.upcoming is None or self.continues(epoch))
+
+    def continues(self, epoch: int) -> bool:
+        """True when this runner's stream is already on `epoch`'s first batch (see BetonSource.upcoming)."""
+        return self.source.upcoming is not None and self.finished and self.next_epoch == epoch
+
+    def epoch(self, order: np.ndarray, epoch: int):
         from nvidia.dali.plugin.pytorch import (  # DALI: optional, ~1 s import
             DALIGenericIterator,
             LastBatchPolicy,
         )
-        self.source.order = order   # read by the source when DALI resets it, below
+        continuing = self.iterator is not None and self.continues(epoch)
+        if not continuing:
+            self.source.order, self.source.epoch = order, epoch   # read when DALI resets the source, below
         if self.iterator is None:
             # prepare_first_batch=False: nothing is read before the order above is in place
             self.iterator = DALIGenericIterator(self.pipeline, ["images", "labels"], auto_reset=False,
                                                 last_batch_policy=LastBatchPolicy.PARTIAL,
                                                 prepare_first_batch=False)
-        else:
+        elif not continuing:
             self.iterator.reset()
         self.finished = False
-        for outputs in self.iterator:
+        if self.source.upcoming is None:
+            for outputs in self.iterator:
+                yield outputs[0]["images"], outputs[0]["labels"]
+            self.finished = True
+            return
+        # an endless stream: this epoch is its next len(order) / batch size batches. The runner counts as
+        # finished when the last one is handed out (the trainer takes it and closes this generator).
+        batches = len(order) // self.source.batch_size
+        for index, outputs in enumerate(itertools.islice(self.iterator, batches)):
+            if index == batches - 1:
+                self.finished, self.next_epoch = True, epoch + 1
             yield outputs[0]["images"], outputs[0]["labels"]
-        self.finished = True
+
+    def close(self) -> None:
+        self.source.stop()
 
 
 class DALILoader(LoaderBase):
@@ -151,57 +230,39 @@ class DALILoader(LoaderBase):
         self.runners: dict[tuple[int, int], EpochRunner] = {}   # DALI fixes sizes when it builds
         self.feed = FeedCost()
 
-    def build_pipeline(self, resolution: int, batch_size: int, epoch: int = 0) -> EpochRunner:
+    def build_pipeline(self, resolution: int, batch_size: int) -> EpochRunner:
+        """The pipeline for one (resolution, batch size); every epoch at those sizes reuses it."""
         from nvidia.dali import fn, pipeline_def, types  # DALI: optional, ~1 s to import
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
-        source = BetonSource(self.columns, batch_size, crop_windows=not self.train, feed=self.feed)
-
-        def crop_raw(pixels, window):
-            """Raw HxWx3 pixels (no decoder): the random-resized crop, or the val window, then the size."""
-            if self.train:
-                return fn.random_resized_crop(pixels, size=(resolution, resolution), random_area=self.scale,
-                                              random_aspect_ratio=self.ratio, num_attempts=10)
-            cropped = fn.slice(pixels, *window, axis_names="WH", normalized_anchor=False, normalized_shape=False)
-            return fn.resize(cropped, resize_x=resolution, resize_y=resolution)
-
-        def crop_encoded(encoded, window):
-            """JPEG bytes: decode only the crop region (ROI decoding), then the size."""
-            if self.train:
-                images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=self.scale,
-                                                       random_aspect_ratio=self.ratio, num_attempts=10,
-                                                       **decoder_args)
-            else:
-                # crop, then resize: FFCV's geometry (the same region as resize to res / 0.875 and
-                # centre-crop res), and the ROI decoder skips the borders
-                images = fn.decoders.image_slice(encoded, *window, axis_names="WH", output_type=types.RGB,
-                                                 normalized_anchor=False, normalized_shape=False,
-                                                 **decoder_args)
-            return fn.resize(images, resize_x=resolution, resize_y=resolution)
+        # whole batches only (drop_last): the stream runs on into the next epoch, see BetonSource
+        upcoming = self.epoch_order if self.drop_last else None
+        source = BetonSource(self.columns, batch_size, train=self.train, seed=self.seed, scale=self.scale,
+                             ratio=self.ratio, flip=self.flip, ahead=self.prefetch + 1, feed=self.feed,
+                             upcoming=upcoming)
+        window = {"axis_names": "WH", "normalized_anchor": False, "normalized_shape": False}
 
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            dtypes = [types.UINT8, types.INT64] + ([] if self.train else [types.FLOAT])
             # no_copy: DALI reads the beton's pages where they are mapped, in its own threads
-            outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, cycle="raise",
-                                         dtype=dtypes, no_copy=True)
-            data, meta = outputs[:2]
-            window = () if self.train else (outputs[2][0:2], outputs[2][2:4])   # (x, y), (width, height)
-            labels = meta[4]
+            data, meta, windows = fn.external_source(source=source, num_outputs=3, batch=True, cycle="raise",
+                                                     dtype=[types.UINT8, types.INT64, types.FLOAT], no_copy=True)
+            anchor, shape = windows[0:2], windows[2:4]   # (x, y), (width, height) of the crop, in pixels
             if meta[3] > 0:   # raw pixels. A DALI conditional: the batch splits per sample, then merges
                 pixels = fn.reshape(data, shape=fn.cast(meta[0:3], dtype=types.INT32), layout="HWC")
-                images = crop_raw(pixels.gpu() if gpu else pixels, window)
-            else:
-                images = crop_encoded(data, window)
-            mirror = fn.random.coin_flip(probability=0.5) if self.train and self.flip else 0
+                images = fn.slice(pixels.gpu() if gpu else pixels, anchor, shape, **window)
+            else:   # JPEG bytes: decode only the crop window (ROI decoding)
+                images = fn.decoders.image_slice(data, anchor, shape, output_type=types.RGB, **window, **decoder_args)
+            images = fn.resize(images, resize_x=resolution, resize_y=resolution)
             # HWC out: the NCHW view of an NHWC batch is already channels_last
-            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", mirror=mirror)
-            # labels reach the GPU inside the pipeline, on its stream, like the images
+            images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC",
+                                              mirror=fn.cast(meta[5], dtype=types.INT32))
+            labels = meta[4]   # labels reach the GPU inside the pipeline, on its stream, like the images
             return images, labels.gpu() if gpu else labels
 
         built = pipeline(batch_size=batch_size, num_threads=self.workers,
                          device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch,
-                         seed=int(sample_seed(self.seed, epoch, self.rank)))
+                         seed=self.seed)
         built.build()
         _PIPELINES.add(built)
         return EpochRunner(built, source, self.feed)
@@ -212,11 +273,12 @@ class DALILoader(LoaderBase):
             return
         key = (self.resolution, self.batch_size)
         runner = self.runners.get(key)
-        if self.train or runner is None or not runner.finished:
-            # train: a pipeline per epoch, seeded by (seed, epoch, rank), so an epoch's crops do not depend
-            # on what ran before it (a resumed run draws the same). Otherwise a new setting, or the last
-            # epoch stopped early: DALI cannot reset mid-epoch, so start a fresh pipeline.
+        if runner is None or not runner.reusable(epoch):
+            # a new setting, an epoch stopped early or another epoch than the stream went on to: DALI cannot
+            # reset mid-epoch, so a fresh pipeline
+            for old in self.runners.values():
+                old.close()
             self.runners.clear()
-            runner = self.runners[key] = self.build_pipeline(*key, epoch=epoch)
-        for images, labels in runner.epoch(order):
+            runner = self.runners[key] = self.build_pipeline(*key)
+        for images, labels in runner.epoch(order, epoch):
             yield self.finish(images.permute(0, 3, 1, 2), labels)
