@@ -6,6 +6,7 @@ Phases, each with a time budget and a skip flag; a phase that fails is reported 
   data       a synthetic ImageNet-size set made with all cores, converted raw@256 and jpg@256
   loaders    img/s per backend (DALI mixed and CPU, FFCV with ToDevice, torch) per storage and resolution
   train      ResNet-50/18 img/s with the trainer's own step: synthetic on-device batches vs each loader
+  epoch      a 2-epoch run of configs/r50.toml: seconds per epoch outside the step loop, by kind
   graphs     graphs compiled across a set_resolution change (one per shape, none in steady state)
 The report (JSON, Markdown, PNG) names the device. `--device cpu --quick` runs the same phases small on
 the CPU, skipping only what needs CUDA; the test suite runs it so the command cannot rot.
@@ -40,12 +41,15 @@ class PhaseFailed(Exception):
         super().__init__(message)
         self.found = found
 
-PHASES = ("preflight", "tests", "data", "loaders", "train", "graphs")
+PHASES = ("preflight", "tests", "data", "loaders", "train", "epoch", "graphs")
 REPO = Path(__file__).resolve().parent.parent
 LOADER_COLUMNS = {"backend": "backend", "storage": "storage", "res": "res", "workers": "workers",
                   "batch_size": "batch", "img_per_s": "img/s", "ratio_to_torch": "x torch", "peak_rss_mb": "peak RSS MB",
                   "cpu_util_pct": "CPU %", "feed_us_per_sample": "feed µs/img",
                   "epoch_start_s": "epoch start s", "epoch_start_batches": "start (batches)"}
+EPOCH_COLUMNS = {"arch": "model", "epoch": "epoch", "epoch_time_s": "epoch s", "img_per_s": "img/s",
+                 "epoch_start": "loader start s", "compile": "compile s", "eval": "eval s", "report": "report s",
+                 "plots": "plots s", "checkpoint": "checkpoint s"}
 TRAIN_COLUMNS = {"arch": "model", "feed": "feed", "storage": "storage", "res": "res", "batch_size": "batch",
                  "img_per_s": "img/s", "ratio_to_synthetic": "x synthetic"}
 
@@ -72,11 +76,13 @@ FULL = Sizes(classes=100, per_class=100, val_per_class=10, image_sides=(200, 500
              loader_batch=256, loader_epochs=1, max_batches=None, train_res=160,
              train_batch={"resnet50": 512, "resnet18": 512}, train_steps=30, graph_res=(160, 192),
              # 8 minutes in all; compiling ResNet-50 and -18 (train) and -18 twice more (graphs) is most of it
-             budgets={"preflight": 45, "tests": 50, "data": 40, "loaders": 95, "train": 190, "graphs": 60})
+             budgets={"preflight": 45, "tests": 50, "data": 40, "loaders": 95, "train": 190, "epoch": 75,
+                      "graphs": 60})
 QUICK = Sizes(classes=4, per_class=12, val_per_class=4, image_sides=(48, 96), resolutions=(32,),
               loader_batch=16, loader_epochs=1, max_batches=2, train_res=32,
               train_batch={"resnet50": 4, "resnet18": 8}, train_steps=1, graph_res=(32, 48),
-              budgets={"preflight": 45, "tests": 60, "data": 40, "loaders": 60, "train": 40, "graphs": 40})
+              budgets={"preflight": 45, "tests": 60, "data": 40, "loaders": 60, "train": 40, "epoch": 60,
+                       "graphs": 40})
 
 
 class Deadline:
@@ -220,11 +226,42 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
     return {"rows": rows, "notes": notes}
 
 
+def epoch_overheads(ctx: dict, deadline: Deadline) -> dict:
+    """A short real training run (the trainer, configs/r50.toml at one resolution, two epochs): per epoch, the
+    seconds spent outside the step loop by kind (summary.json's outside_step_s) beside the epoch's time."""
+    import pandas as pd
+
+    from fastpipe.config import load_config
+    from fastpipe.train import Trainer
+
+    sizes = ctx["sizes"]
+    arch, batch = ("resnet18", sizes.train_batch["resnet18"]) if ctx["quick"] else ("resnet50", sizes.train_batch["resnet50"])
+    run_dir = ctx["out"] / "epoch-run"
+    overrides = {"data": {"path": str(ctx["data"]["jpg"]), "batch_size": batch, "workers": "auto"},
+                 "model": {"arch": arch, "compile_cache": str(ctx["out"] / "compile-cache")},
+                 "train": {"device": ctx["device"], "log_every": 10**6}, "schedule": {"epochs": 2},
+                 "resolution": {"start": sizes.train_res, "end": sizes.train_res, "val": sizes.train_res},
+                 "run": {"dir": str(run_dir)}}
+    config = load_config(REPO / "configs" / "r50.toml" if (REPO / "configs" / "r50.toml").is_file() else None,
+                         overrides)
+    Trainer(config, run_dir).fit()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = pd.read_csv(run_dir / "metrics.csv").set_index("epoch")
+    rows = [{"arch": arch, "epoch": row["epoch"], "epoch_time_s": round(float(history.at[row["epoch"], "epoch_time_s"]), 2),
+             "img_per_s": round(float(history.at[row["epoch"], "images_per_second"]), 1),
+             **{kind: round(seconds, 3) for kind, seconds in row.items() if kind != "epoch"}}
+            for row in summary["outside_step_s"]["per_epoch"]]
+    ctx["epoch_rows"] = rows
+    print_table(rows, EPOCH_COLUMNS, title="per-epoch seconds outside the step loop (a 2-epoch run of r50.toml)",
+                console=ctx["console"])
+    return {"rows": rows, "run_dir": str(run_dir)}
+
+
 def graph_counts(ctx: dict, deadline: Deadline) -> dict:
+    """The trainer's compiled model across set_resolution: A, B, then A again must make two graphs."""
     from benchmarks.train_step import build_train_step, synthetic_rate
     from fastpipe.config import load_config
 
-    """The trainer's compiled model across set_resolution: A, B, then A again must make two graphs."""
     sizes = ctx["sizes"]
     compile_backend = "inductor" if ctx["device"] == "cuda" else "aot_eager"   # no C++ build on a small CPU
     config = load_config(None, {"model": {"arch": "resnet18", "compile": True, "compile_backend": compile_backend},
@@ -248,8 +285,8 @@ def run_preflight(ctx: dict, deadline) -> dict:
 
 
 RUNNERS = {"preflight": run_preflight, "tests": gpu_tests, "data": make_data, "loaders": loader_rows,
-           "train": train_rows, "graphs": graph_counts}
-NEEDS = {"loaders": "data", "train": "data"}
+           "train": train_rows, "epoch": epoch_overheads, "graphs": graph_counts}
+NEEDS = {"loaders": "data", "train": "data", "epoch": "data"}
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -314,11 +351,11 @@ def run(args) -> int:
                "settings": {"device": device, "quick": args.quick, "workers": ctx["workers"],
                             "skipped": sorted(skip)},
                "elapsed_s": round(time.perf_counter() - started, 1), "phases": phases,
-               "results": ctx["results"], "training": ctx["train_rows"]}
+               "results": ctx["results"], "training": ctx["train_rows"], "epochs": ctx.get("epoch_rows", [])}
     title = f"fastpipe on {device_text} ({describe(machine)})"
     written = write_report(out, payload, title, plots=bool(ctx["results"]), columns=LOADER_COLUMNS)
     with open(out / "results.md", "a") as handle:
-        handle.write(phase_markdown(phases, ctx["train_rows"]))
+        handle.write(phase_markdown(phases, ctx["train_rows"], ctx.get("epoch_rows", [])))
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print_table([{"phase": name, "status": phase["status"], "seconds": phase.get("seconds")}
                  for name, phase in phases.items()], {"phase": "phase", "status": "status", "seconds": "s"},
@@ -327,7 +364,7 @@ def run(args) -> int:
     return 1 if any(phase["status"] == "failed" for phase in phases.values()) else 0
 
 
-def phase_markdown(phases: dict, train: list[dict]) -> str:
+def phase_markdown(phases: dict, train: list[dict], epochs: list[dict] = ()) -> str:
     lines = ["", "## Phases", "", "| phase | status | seconds | budget s | detail |", "|---|---|---:|---:|---|"]
     for name, phase in phases.items():
         detail = phase.get("error") or phase.get("reason") or phase.get("summary") or ""
@@ -342,4 +379,7 @@ def phase_markdown(phases: dict, train: list[dict]) -> str:
     if train:
         lines += ["", "## Training img/s (the trainer's step; x synthetic is the data-stall figure)", "",
                   markdown_table(train, TRAIN_COLUMNS)]
+    if epochs:
+        lines += ["", "## Seconds per epoch outside the step loop (a 2-epoch run of configs/r50.toml)", "",
+                  markdown_table(list(epochs), EPOCH_COLUMNS)]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,10 @@ def test_gpu_command_runs_every_phase_on_the_cpu_and_writes_its_report(tmp_path)
     assert {row["arch"] for row in training} == {"resnet50", "resnet18"}
     assert all(row["ratio_to_synthetic"] == 1.0 for row in training if row["feed"] == "synthetic")
     assert {row["feed"] for row in training} == {"synthetic", "ffcv", "dali", "torch"}
+    epochs = report["epochs"]   # the short real run: seconds outside the step loop per epoch, by kind
+    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert all({"epoch_start", "eval", "report", "plots", "checkpoint"} <= set(row) for row in epochs)
+    assert all(row["eval"] > 0 and row["epoch_time_s"] > 0 for row in epochs)
     markdown = (out / "results.md").read_text()
     assert "fastpipe on CPU" in markdown and "## Phases" in markdown and "x synthetic" in markdown
     assert (out / "img_per_s_vs_resolution.png").stat().st_size > 1000
