@@ -109,8 +109,8 @@ class Trainer:
         try:
             for plan in self.plans[self.run.start_epoch:]:
                 skip, self.run.skip_batches = self.run.skip_batches, 0
-                with self.timed(plan, "epoch_start"):
-                    batches = self.begin_epoch(plan, skip)
+                epoch_began = time.perf_counter()
+                batches = self.begin_epoch(plan, skip)
                 wait, totals, started = DataWait(self.device), None, time.perf_counter()
                 compile_s, compiled_steps = 0.0, 0
                 self.interval = LogInterval(self.global_step, 0.0, 0.0)
@@ -119,6 +119,8 @@ class Trainer:
                         wait.waiting()
                         batch = self.next_batch(batches, plan, index)
                         wait.ready()
+                        if index == skip:   # a loader's epoch starts at its first batch (iter() is lazy)
+                            self.note(plan, "epoch_start", time.perf_counter() - epoch_began)
                         if batch is not None:
                             self.interval.lrs.append(self.current_lr())
                             graphs, step_started = self.graphs_compiled(), time.perf_counter()
@@ -140,7 +142,7 @@ class Trainer:
                             self.save("last.pt", epoch=plan.epoch, completed=False, batches_done=done)
                             return self.interrupted(plan)
                 if compiled_steps:
-                    self.outside_step.setdefault(plan.epoch + 1, {})["compile"] = round(compile_s, 4)
+                    self.note(plan, "compile", compile_s)
                     cache = compile_cache_counts()
                     self.report.log(f"compile: {compiled_steps} step(s) of epoch {plan.epoch + 1} compiled graphs, "
                                     f"{compile_s:.1f} s, left out of its img/s (graph cache so far: "
@@ -174,7 +176,10 @@ class Trainer:
         """Seconds of this epoch spent outside the step loop, by kind, for summary.json."""
         started = time.perf_counter()
         yield
-        self.outside_step.setdefault(plan.epoch + 1, {})[kind] = round(time.perf_counter() - started, 4)
+        self.note(plan, kind, time.perf_counter() - started)
+
+    def note(self, plan, kind: str, seconds: float) -> None:
+        self.outside_step.setdefault(plan.epoch + 1, {})[kind] = round(seconds, 4)
 
     def graphs_compiled(self) -> int:
         return 0 if self.compile_counter is None else self.compile_counter.graphs
