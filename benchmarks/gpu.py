@@ -238,7 +238,7 @@ def epoch_overheads(ctx: dict, deadline: Deadline) -> dict:
     arch, batch = ("resnet18", sizes.train_batch["resnet18"]) if ctx["quick"] else ("resnet50", sizes.train_batch["resnet50"])
     run_dir = ctx["out"] / "epoch-run"
     overrides = {"data": {"path": str(ctx["data"]["jpg"]), "batch_size": batch, "workers": "auto"},
-                 "model": {"arch": arch, "compile_cache": str(ctx["out"] / "compile-cache")},
+                 "model": {"arch": arch},   # the default compile cache: the train phase's graphs are in it
                  "train": {"device": ctx["device"], "log_every": 10**6}, "schedule": {"epochs": 2},
                  "resolution": {"start": sizes.train_res, "end": sizes.train_res, "val": sizes.train_res},
                  "run": {"dir": str(run_dir)}}
