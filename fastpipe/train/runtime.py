@@ -71,8 +71,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
+    # set either way: these are process-wide, and a run built after a deterministic one in the same process
+    # (tests, benchmarks) would otherwise stay deterministic (and miss compiled graphs cached without it)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def configure_backends(device_type: str, deterministic: bool) -> None:
