@@ -1,4 +1,4 @@
-"""Command line: `python -m convert {imagenet-mini,folder,synthetic,adopt,verify,info}`.
+"""Command line: `python -m convert {imagenet,webdataset,imagenet-mini,folder,synthetic,adopt,verify,info}`.
 
 Run `python -m convert COMMAND --help` for the options of each command.
 """
@@ -68,11 +68,15 @@ def write_settings(args) -> tuple[WriteSettings, WriteSettings]:
 
 
 def run_conversion(args, root: Path, val_fraction: float = 0.1) -> None:
+    convert(args, lambda: find_samples(root, val_fraction=val_fraction, seed=args.seed))
+
+
+def convert(args, make_source) -> None:
+    """Settings and workers checked first, then `make_source()` (a scan: seconds for big archives), then the write."""
     train, val = write_settings(args)
-    source = find_samples(root, val_fraction=val_fraction, seed=args.seed)
     if args.workers < 1:
         raise ConvertError(f"--workers must be >= 1, got {args.workers}.")
-    convert_source(source, args.out, train, val, workers=args.workers, strict=args.strict, force=args.force,
+    convert_source(make_source(), args.out, train, val, workers=args.workers, strict=args.strict, force=args.force,
                    stall_timeout=args.stall_timeout)
     Console(stderr=True, soft_wrap=True).print(f"Betons and manifest in {Path(args.out).resolve()}; "
                                f"check them with `python -m convert verify {args.out}`.")
@@ -92,6 +96,23 @@ def cmd_imagenet_mini(args) -> None:
 
 def cmd_folder(args) -> None:
     run_conversion(args, Path(args.src), val_fraction=args.val_fraction)
+
+
+def cmd_imagenet(args) -> None:
+    from convert.imagenet import imagenet_source
+
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"Scanning {args.train} and {args.val} (headers only; nothing is extracted) ...")
+    convert(args, lambda: imagenet_source(Path(args.train), Path(args.val), val_labels=args.val_labels and
+                                          Path(args.val_labels), devkit=args.devkit and Path(args.devkit),
+                                          console=console))
+
+
+def cmd_webdataset(args) -> None:
+    from convert.webdataset import webdataset_source
+
+    convert(args, lambda: webdataset_source(args.train, args.val, label_key=args.label_key, classes=args.classes,
+                                            val_fraction=args.val_fraction, seed=args.seed))
 
 
 def cmd_synthetic(args) -> None:
@@ -134,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of each class put into val when SRC has no train/ and val/ (default: %(default)s)")
     folder.set_defaults(run=cmd_folder)
+
+    imagenet = commands.add_parser("imagenet", parents=[storage],
+                                    help="convert ILSVRC2012 straight from its train and val tars (no extraction)")
+    imagenet.add_argument("--train", required=True, help="ILSVRC2012_img_train.tar (a tar of per-synset tars)")
+    imagenet.add_argument("--val", required=True, help="ILSVRC2012_img_val.tar")
+    labels = imagenet.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--val-labels", help="Kaggle's LOC_val_solution.csv")
+    labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (class names get the synsets' words)")
+    imagenet.add_argument("--out", required=True, help="output folder for the betons and manifest.json")
+    imagenet.set_defaults(run=cmd_imagenet)
+
+    shards = commands.add_parser("webdataset", parents=[storage], help="convert WebDataset tar shards")
+    shards.add_argument("--train", required=True, help="shards: a brace pattern or glob, e.g. 'DIR/train-{000000..000127}.tar'")
+    shards.add_argument("--val", help="val shards (default: --val-fraction of each class of --train)")
+    shards.add_argument("--label-key", default="cls",
+                        help="member holding the integer label, or json.FIELD for a field of the sample's .json "
+                             "(default: %(default)s)")
+    shards.add_argument("--classes", help="text file with one class name per line, in label order "
+                                          "(default: the labels' numbers)")
+    shards.add_argument("--val-fraction", type=float, default=0.1, help="without --val (default: %(default)s)")
+    shards.add_argument("--out", required=True, help="output folder for the betons and manifest.json")
+    shards.set_defaults(run=cmd_webdataset)
 
     synthetic = commands.add_parser("synthetic", help="write a synthetic ImageNet-like ImageFolder of JPEGs")
     synthetic.add_argument("--out", default="data/synthetic", help="(default: %(default)s)")

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from convert.members import Member
 from convert.sources import LOOSE_REASON, ConvertError, Source
 from convert.validate import BadImage, check_image
 from convert.write import BetonJob, WriterProcess, WriteSettings, die_with_parent, process_context
@@ -68,12 +69,18 @@ def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:
     digest = hashlib.sha256()
     header = {"format": MANIFEST_FORMAT, "root": str(source.root), "layout": source.layout,
               "classes": source.classes, "settings": {k: settings_record(v) for k, v in settings.items()},
+              "left_out": source.skipped,
               "ffcv": tool_versions()["ffcv"]}
     digest.update(json.dumps(header, sort_keys=True).encode())
+    archives: dict[str, os.stat_result] = {}   # an archive's size and time stand for its members'
     for split, items in source.splits.items():
         for path, label in items:
-            stat = path.stat()
-            digest.update(f"{split}\0{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            if isinstance(path, Member):
+                stat = archives.get(path.file) or archives.setdefault(path.file, os.stat(path.file))
+                where = f"{path.file}\0{path.offset}\0{path.size}\0{path.name}"
+            else:
+                stat, where = path.stat(), str(path)
+            digest.update(f"{split}\0{where}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     for split, paths in source.loose.items():   # they are listed in the manifest, so they count too
         digest.update("".join(f"loose\0{split}\0{path}\n" for path in paths).encode())
     return digest.hexdigest()
@@ -92,7 +99,13 @@ def up_to_date(out: Path, digest: str) -> dict | None:
     return manifest
 
 
-def _check_one(job: tuple[str, int | None, int]) -> tuple:
+def sample_name(sample, root: Path) -> str:
+    """How the manifest and the bad-file report name a sample: its path under the source folder, or its
+    name inside the archive."""
+    return sample.name if isinstance(sample, Member) else Path(sample).relative_to(root).as_posix()
+
+
+def _check_one(job: tuple) -> tuple:
     path, max_resolution, min_side = job
     try:
         result = check_image(path, max_resolution, min_side)
@@ -110,19 +123,21 @@ def _init_pool_worker() -> None:
 
 def validate_split(pool, items: list[tuple[Path, int]], settings: WriteSettings, strict: bool, root: Path,
                    advance) -> tuple[list[tuple[str, int, int, int]], list[dict]]:
-    """Check every file in the pool, in order. Returns the good samples (path, label, width, height)
-    and the skipped files as {path, reason}; with `strict`, the first bad file is an error."""
-    jobs = [(str(path), settings.max_resolution, settings.min_side) for path, _ in items]
+    """Check every file (or archive member) in the pool, in order. Returns the good samples (path or
+    Member, label, width, height) and the skipped ones as {path, reason}; with `strict`, the first bad one
+    is an error."""
+    jobs = [(path if isinstance(path, Member) else str(path), settings.max_resolution, settings.min_side)
+            for path, _ in items]
     results = pool.imap(_check_one, jobs, chunksize=8) if pool else map(_check_one, jobs)
     good, skipped = [], []
     for (path, label), (ok, detail) in zip(items, results):
         if ok:
-            good.append((str(path), label, *detail))
+            good.append((path if isinstance(path, Member) else str(path), label, *detail))
         else:
             if strict:
                 raise ConvertError(f"Bad image {path}: {detail}. (--strict stops at the first bad file; "
                                    f"without it, bad files are skipped and listed in the manifest.)")
-            skipped.append({"path": path.relative_to(root).as_posix(), "reason": detail})
+            skipped.append({"path": sample_name(path, root), "reason": detail})
         advance()
     return good, skipped
 
@@ -163,6 +178,9 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
         console.print(f"Up to date: {out} already holds betons for these inputs and options; nothing to do "
                       f"(use --force to rewrite).")
         return existing
+    if strict and (left_out := [item for items in source.skipped.values() for item in items]):
+        raise ConvertError(f"Bad sample {left_out[0]['path']}: {left_out[0]['reason']}. (--strict stops at the first "
+                           f"bad sample; without it, bad samples are skipped and listed in the manifest.)")
     _remove_stale_temporaries(out)
     temporaries = {split: out / f".{split}.beton.{os.getpid()}.tmp" for split in SPLITS}
     splits = {}
@@ -181,7 +199,7 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
                                        f"({len(skipped)} skipped, e.g. {reasons}).")
                 loose = [{"path": path.relative_to(source.root).as_posix(), "reason": LOOSE_REASON}
                          for path in source.loose.get(split, [])]
-                splits[split] = {"good": good, "skipped": loose + skipped}
+                splits[split] = {"good": good, "skipped": loose + source.skipped.get(split, []) + skipped}
                 jobs.append(BetonJob(split, temporaries[split], good, settings[split]))
             if pool:
                 pool.close()
@@ -196,7 +214,7 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
             manifest["splits"][split] = {
                 "beton": f"{split}.beton", "written": len(good), "skipped": splits[split]["skipped"],
                 "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
-                "samples": [[Path(file).relative_to(source.root).as_posix(), label] for file, label, _, _ in good],
+                "samples": [[sample_name(file, source.root), label] for file, label, _, _ in good],
                 "settings": settings_record(settings[split]), "image_stats": image_stats(good)}
         for path in temporaries.values():
             fsync_file(path)

@@ -19,12 +19,13 @@ class ConvertError(RuntimeError):
 
 @dataclass
 class Source:
-    """Everything the writer needs: absolute paths and labels per split, in beton order."""
+    """Everything the writer needs: absolute paths (or archive members) and labels per split, in beton order."""
     root: Path
     layout: str                       # "train_val" or "split"
     classes: list[str]
     splits: dict[str, list[tuple[Path, int]]] = field(default_factory=dict)
     loose: dict[str, list[Path]] = field(default_factory=dict)   # image files outside any class folder
+    skipped: dict[str, list[dict]] = field(default_factory=dict)   # left out while scanning: {path, reason}
 
 
 LOOSE_REASON = "image file outside any class folder, so it has no label: move it into a class folder to use it"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -49,10 +48,10 @@ def _check_size(width: int, height: int, max_resolution: int | None, min_side: i
     return stored
 
 
-def check_image(path: str | Path, max_resolution: int | None, min_side: int = 1) -> ImageCheck:
+def check_image(path, max_resolution: int | None, min_side: int = 1) -> ImageCheck:
     """Cheap full check: decode every byte (JPEGs at 1/8 scale, which still reads all entropy-coded
-    data, so truncation shows) and return the stored size. Raises BadImage with the reason."""
-    path = Path(path)
+    data, so truncation shows) and return the stored size. `path`: a file, or an archive member
+    (convert.members.Member). Raises BadImage with the reason."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = open_image(path)
@@ -71,10 +70,10 @@ def check_image(path: str | Path, max_resolution: int | None, min_side: int = 1)
     return ImageCheck(stored[0], stored[1], width, height)
 
 
-def load_image(path: str | Path, max_resolution: int | None, min_side: int = 1) -> np.ndarray:
+def load_image(path, max_resolution: int | None, min_side: int = 1) -> np.ndarray:
     """Decode to a clean uint8 HxWx3 array: EXIF rotation applied, any mode converted to RGB, longest
-    side capped at `max_resolution` (area interpolation). Raises BadImage with the reason."""
-    path = Path(path)
+    side capped at `max_resolution` (area interpolation). `path`: a file or an archive member. Raises
+    BadImage with the reason."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with open_image(path) as image:

@@ -4,6 +4,8 @@ baseline loader both read images through here, so they see the same pixels.
 """
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
 
@@ -41,10 +43,16 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path) -> Image.Image:
+    """A path, or a sample inside an archive (anything with `read_bytes()`, such as convert.members.Member)."""
+    opened = path
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(SNIFF_BYTES)
+        if isinstance(path, (str, os.PathLike)):
+            with open(path, "rb") as handle:
+                head = handle.read(SNIFF_BYTES)
+        else:
+            data = path.read_bytes()
+            head, opened = data[:SNIFF_BYTES], io.BytesIO(data)
     except OSError as err:
         raise BadImage(f"cannot read file ({err.strerror or err})") from err
     if not head:
@@ -53,7 +61,7 @@ def open_image(path: Path) -> Image.Image:
     if fmt is None:
         raise BadImage(f"not an image: unknown content starting with {head[:8]!r}")
     try:
-        return Image.open(path, formats=[fmt])
+        return Image.open(opened, formats=[fmt])
     except Image.DecompressionBombError as err:
         raise BadImage(f"image too large to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:

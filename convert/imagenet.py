@@ -1,0 +1,127 @@
+"""ImageNet (ILSVRC2012) from its archives as distributed: `ILSVRC2012_img_train.tar` (a tar of 1,000
+per-synset tars) and `ILSVRC2012_img_val.tar` (flat), read in place (convert.members), never extracted.
+
+Labels are the sorted synset order, as torchvision's ImageNet has them. Val labels come from Kaggle's
+`LOC_val_solution.csv` or from the devkit (`ILSVRC2012_devkit_t12.tar.gz`: data/meta.mat maps the
+ground truth file's ILSVRC2012_IDs to synsets); both give the same labels. With the devkit, class names
+are the synsets' words ("n01440764: tench, Tinca tinca").
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import tarfile
+from pathlib import Path
+
+from convert.members import Member, nested_members, scan_tar
+from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
+
+SYNSET = re.compile(r"n\d{8}")
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+
+def train_members(path: Path, console=None) -> dict[str, list[Member]]:
+    """{synset: its images} from the train archive (one uncompressed tar per synset inside)."""
+    found: dict[str, list[Member]] = {}
+    for _, info in scan_tar(path):
+        stem = Path(info.name).stem
+        if not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
+            raise ConvertError(f"{path} holds {info.name}, not a per-synset tar such as n01440764.tar: is this "
+                               f"ILSVRC2012_img_train.tar? (For an extracted folder use `python -m convert folder`.)")
+        found[stem] = [member for member in nested_members(path, info, path)
+                       if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS]
+        if console is not None and len(found) % 100 == 0:
+            console.print(f"  scanned {len(found)} synsets of {path.name}")
+    if not found:
+        raise ConvertError(f"{path} holds no per-synset tars: is this ILSVRC2012_img_train.tar?")
+    empty = [synset for synset, members in found.items() if not members]
+    if empty:
+        raise ConvertError(f"{path}: the tar(s) of {', '.join(empty[:5])} hold no images; the archive is damaged.")
+    return found
+
+
+def val_members(path: Path) -> list[Member]:
+    members = [member for member, info in scan_tar(path) if member is not None
+               and Path(info.name).suffix.lower() in IMAGE_EXTENSIONS]
+    if not members:
+        raise ConvertError(f"{path} holds no images: is this ILSVRC2012_img_val.tar?")
+    return members
+
+
+def labels_from_csv(path: Path) -> dict[str, str]:
+    """{image id: synset} from Kaggle's LOC_val_solution.csv (ImageId, PredictionString = "synset x y x y ...")."""
+    if not path.is_file():
+        raise ConvertError(f"Val labels file {path} does not exist.")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
+        raise ConvertError(f"{path} is not LOC_val_solution.csv: expected the columns ImageId and PredictionString.")
+    labels = {}
+    for number, row in enumerate(rows, start=2):
+        words = row["PredictionString"].split()
+        if not words or not SYNSET.fullmatch(words[0]):
+            raise ConvertError(f"{path} line {number}: no synset in PredictionString {row['PredictionString']!r}.")
+        labels[row["ImageId"]] = words[0]
+    return labels
+
+
+def read_devkit(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """({image id: synset} of val, {synset: words}) from ILSVRC2012_devkit_t12.tar.gz."""
+    try:
+        from scipy.io import loadmat  # meta.mat is a MATLAB file: scipy reads it (optional dependency)
+    except ImportError as err:
+        raise ConvertError("Reading the devkit's meta.mat needs scipy: `pip install scipy`, or pass "
+                           "--val-labels LOC_val_solution.csv instead.") from err
+    if not path.is_file():
+        raise ConvertError(f"Devkit {path} does not exist.")
+    try:
+        with tarfile.open(path) as devkit:
+            files = {Path(info.name).name: info for info in devkit if info.isfile()}
+            if not {"meta.mat", "ILSVRC2012_validation_ground_truth.txt"} <= set(files):
+                raise ConvertError(f"{path} lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt: "
+                                   f"is this ILSVRC2012_devkit_t12.tar.gz?")
+            meta = devkit.extractfile(files["meta.mat"]).read()
+            truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode().split()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ConvertError(f"{path} is not a readable devkit archive ({err}).") from err
+    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    leaves = [row for row in synsets if int(row["num_children"]) == 0]   # the 1,000 classes
+    by_id = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in leaves}
+    words = {str(row["WNID"]): str(row["words"]) for row in leaves}
+    try:
+        labels = {f"ILSVRC2012_val_{index:08d}": by_id[int(value)] for index, value in enumerate(truth, start=1)}
+    except KeyError as err:
+        raise ConvertError(f"{path}: the ground truth names class id {err}, which meta.mat does not have.") from err
+    return labels, words
+
+
+def imagenet_source(train: Path, val: Path, val_labels: Path | None = None, devkit: Path | None = None,
+                    console=None) -> Source:
+    """A Source over the two archives: classes sorted synsets (with the devkit's words when given)."""
+    if (val_labels is None) == (devkit is None):
+        raise ConvertError("Val labels: pass exactly one of --val-labels LOC_val_solution.csv and "
+                           "--devkit ILSVRC2012_devkit_t12.tar.gz.")
+    train, val = Path(train).expanduser().resolve(), Path(val).expanduser().resolve()
+    by_synset = train_members(train, console)
+    synsets = sorted(by_synset)
+    index = {synset: label for label, synset in enumerate(synsets)}
+    words = {}
+    if devkit is not None:
+        truth, words = read_devkit(Path(devkit).expanduser().resolve())
+    else:
+        truth = labels_from_csv(Path(val_labels).expanduser().resolve())
+    val_items = []
+    for member in val_members(val):
+        image_id = Path(member.name).stem
+        synset = truth.get(image_id)
+        if synset is None:
+            raise ConvertError(f"{member.name} in {val} has no label in "
+                               f"{val_labels or devkit}: are these the labels of this val archive?")
+        if synset not in index:
+            raise ConvertError(f"{member.name} is labelled {synset}, a synset the train archive does not have.")
+        val_items.append((member, index[synset]))
+    classes = [f"{synset}: {words[synset]}" if synset in words else synset for synset in synsets]
+    train_items = [(member, index[synset]) for synset in synsets for member in by_synset[synset]]
+    return Source(root=train.parent, layout="imagenet_archives", classes=classes,
+                  splits={"train": train_items, "val": val_items}, loose={})

@@ -1,0 +1,137 @@
+"""Samples that live inside archives: a `Member` is a byte range of an uncompressed tar (nested tars included)
+that the converter's workers read in place with one positioned read, so an archive is never extracted.
+
+Scanning reads only the tar headers (tarfile seeks over the data), which is what makes a 1.28M-member
+ImageNet train archive a list of offsets in one pass. Compressed tars have no such offsets: they are refused
+with the command that makes them usable.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from convert.sources import ConvertError
+
+
+@dataclass(frozen=True, order=True)   # ordered: archive order (file, then offset)
+class Member:
+    """`size` bytes at `offset` of `file`; `name` is how the manifest and the bad-file report call it."""
+    file: str
+    offset: int
+    size: int
+    name: str
+
+    def read_bytes(self) -> bytes:
+        with open(self.file, "rb") as handle:
+            data = os.pread(handle.fileno(), self.size, self.offset)
+        if len(data) != self.size:
+            raise OSError(f"{self.file} ends before {self.name} does (truncated archive)")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.name}"
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    """An uncompressed tar opened for header scans; a clear error for anything else."""
+    if not path.is_file():
+        raise ConvertError(f"Archive {path} does not exist." if not path.exists() else f"{path} is not a file.")
+    try:
+        return tarfile.open(path, "r:")
+    except tarfile.CompressionError as err:
+        raise ConvertError(f"{path} is compressed ({err}); samples are read in place, which needs an uncompressed "
+                           f"tar: decompress it first (e.g. `gunzip -k {path}`).") from err
+    except tarfile.ReadError as err:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] in (b"BZh", b"\xfd7z"):
+            raise ConvertError(f"{path} is a compressed tar; samples are read in place, which needs an "
+                               f"uncompressed one: decompress it first (e.g. `gunzip -k {path}`).") from err
+        raise ConvertError(f"{path} is not a readable tar archive ({err}).") from err
+
+
+def scan_tar(path: Path, prefix: str = "") -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
+    """(Member, its TarInfo) for every regular file of the tar at `path`, in archive order (Member None when
+    the data is not stored in one piece). A truncated or corrupt archive raises ConvertError naming it and
+    the last member read: tarfile takes a file cut inside a member's data for the end of the archive, so the
+    last member's end is checked against the file's size too."""
+    last, end, size = "(none)", 0, path.stat().st_size if path.is_file() else 0
+    with open_tar(path) as archive:
+        try:
+            for info in archive:
+                if not info.isfile():
+                    continue
+                last, end = info.name, info.offset_data + info.size
+                if end > size:
+                    break
+                whole = info.sparse is None
+                yield (Member(str(path), info.offset_data, info.size, prefix + info.name) if whole else None), info
+        except (tarfile.ReadError, EOFError, OSError) as err:
+            raise ConvertError(f"{path} is truncated or corrupt after member {last} ({err}); download it "
+                               f"again (nothing was written).") from err
+    if end > size:
+        raise ConvertError(f"{path} is truncated: member {last} ends at byte {end:,}, the file at {size:,}; "
+                           f"download it again (nothing was written).")
+
+
+def nested_members(path: Path, info: tarfile.TarInfo, archive_path: Path) -> list[Member]:
+    """The files of a tar stored uncompressed inside the tar at `archive_path` (ImageNet's per-synset tars),
+    as Members of the outer file: their offsets are the inner member's plus the inner tar's own."""
+    members = []
+    with open(archive_path, "rb") as handle:
+        handle.seek(info.offset_data)
+        try:
+            with tarfile.open(fileobj=_Window(handle, info.offset_data, info.size), mode="r:") as inner:
+                for entry in inner:
+                    if entry.isfile() and entry.sparse is None:
+                        members.append(Member(str(archive_path), info.offset_data + entry.offset_data, entry.size,
+                                              f"{Path(info.name).stem}/{entry.name}"))
+        except (tarfile.ReadError, EOFError, OSError) as err:
+            raise ConvertError(f"{info.name} inside {archive_path} is not a readable tar ({err}); the archive is "
+                               f"damaged: download it again (nothing was written).") from err
+    return members
+
+
+class _Window:
+    """A read-only file view of `size` bytes at `start` of `handle`, for tarfile to scan a nested tar."""
+
+    def __init__(self, handle, start: int, size: int):
+        self.handle, self.start, self.size, self.position = handle, start, size, 0
+
+    def read(self, count: int = -1) -> bytes:
+        count = self.size - self.position if count < 0 else min(count, self.size - self.position)
+        self.handle.seek(self.start + self.position)
+        data = self.handle.read(count)
+        self.position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.position, 2: self.size}[whence]
+        self.position = max(0, min(self.size, base + offset))
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def expand_pattern(pattern: str, what: str) -> list[Path]:
+    """Brace patterns (`train-{000000..000127}.tar`, as WebDataset writes them) and globs, in order, each
+    file once; an empty result or a missing file is an error that names the pattern."""
+    paths: list[Path] = []
+    for expanded in braceexpand(pattern):
+        matches = sorted(glob.glob(os.path.expanduser(expanded))) if glob.has_magic(expanded) else [expanded]
+        for match in matches:
+            path = Path(match).expanduser().resolve()
+            if not path.is_file():
+                raise ConvertError(f"{what}: {match} (from {pattern!r}) does not exist.")
+            if path not in paths:
+                paths.append(path)
+    if not paths:
+        raise ConvertError(f"{what}: no file matches {pattern!r}.")
+    return paths

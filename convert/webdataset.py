@@ -1,0 +1,111 @@
+"""WebDataset shards (uncompressed tars of `key.ext` members, WebDataset's own layout): members grouped by
+key, the image from the usual extensions, the integer label from `key.cls` (or another member, or a field of
+`key.json`). Images are read in place (convert.members); only the small label members are read here.
+
+Written by hand: the webdataset package streams samples in order, but the converter's workers need each
+sample's byte range to read it in place (twice: to check it, then to write it), which its API does not give.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from convert.members import Member, expand_pattern, scan_tar
+from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
+
+NO_IMAGE = "no image member (expected one of: {})".format(", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the path up to the first dot of the file name, the rest the extension."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower() if dot else ""
+
+
+def parse_label(data: bytes, label_key: str, where: str) -> int:
+    """An integer from a `.cls`-style member, or `json.FIELD` from the sample's JSON member."""
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        if label_key.startswith("json."):
+            value = json.loads(text)
+            for part in label_key.split(".")[1:]:
+                value = value[part]
+        else:
+            value = text
+        label = int(value)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"label {label_key} of {where} is not an integer ({text[:40]!r})") from err
+    if label < 0:
+        raise ValueError(f"label {label_key} of {where} is negative ({label})")
+    return label
+
+
+def shard_samples(paths: list[Path], label_key: str) -> tuple[list[tuple[Member, int]], list[dict]]:
+    """(image member, label) per sample, in shard order, and the samples left out with their reason."""
+    label_ext = label_key.split(".")[0] if label_key.startswith("json.") else label_key
+    samples, skipped = [], []
+    for path in paths:
+        groups: dict[str, dict[str, Member]] = {}
+        for member, info in scan_tar(path, prefix=f"{path.name}/"):
+            key, extension = split_key(info.name)
+            if member is None:
+                skipped.append({"path": f"{path.name}/{info.name}", "reason": "stored sparse: cannot be read in place"})
+                continue
+            groups.setdefault(key, {})[extension] = member
+        for key, members in groups.items():
+            where = f"{path.name}/{key}"
+            image = next((members[ext] for ext in members if f".{ext}" in IMAGE_EXTENSIONS), None)
+            if image is None:
+                skipped.append({"path": where, "reason": NO_IMAGE})
+                continue
+            if label_ext not in members:
+                skipped.append({"path": where, "reason": f"no label: no {label_ext} member (--label-key {label_key})"})
+                continue
+            try:
+                samples.append((image, parse_label(members[label_ext].read_bytes(), label_key, where)))
+            except (ValueError, OSError) as err:
+                skipped.append({"path": where, "reason": str(err)})
+    return samples, skipped
+
+
+def read_classes(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConvertError(f"Classes file {path} does not exist.")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConvertError(f"{path} must list one distinct class name per line, in label order.")
+    return names
+
+
+def webdataset_source(train: str, val: str | None = None, label_key: str = "cls", classes: Path | None = None,
+                      val_fraction: float = 0.1, seed: int = 0) -> Source:
+    """A Source over WebDataset shards. Without `val`, each class's samples are split as `convert folder`
+    splits class folders. Class names from `classes` (one per line, in label order), else the labels' numbers."""
+    from convert.sources import stratified_split
+
+    train_paths = expand_pattern(train, "--train")
+    splits, skipped = {}, {}
+    splits["train"], skipped["train"] = shard_samples(train_paths, label_key)
+    if val is not None:
+        splits["val"], skipped["val"] = shard_samples(expand_pattern(val, "--val"), label_key)
+    if not splits["train"]:
+        reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped["train"][:3])
+        raise ConvertError(f"No usable samples in {train} ({len(skipped['train'])} left out, e.g. {reasons}).")
+    top = max(label for items in splits.values() for _, label in items)
+    names = read_classes(Path(classes).expanduser()) if classes else [str(label) for label in range(top + 1)]
+    if top >= len(names):
+        raise ConvertError(f"Label {top} is beyond the {len(names)} classes of {classes}: is it the classes file "
+                           f"of these shards?")
+    if val is None:
+        by_class: dict[str, list] = {}
+        for member, label in splits["train"]:
+            by_class.setdefault(str(label), []).append((member, label))
+        train_part, val_part = stratified_split(by_class, val_fraction, seed)
+        splits = {name: [item for key in sorted(part, key=int) for item in part[key]]
+                  for name, part in (("train", train_part), ("val", val_part))}
+        if not splits["val"]:
+            raise ConvertError("The val split is empty: pass --val PATTERN, or --val-fraction > 0 with at least two "
+                               "samples per class.")
+    return Source(root=train_paths[0].parent, layout="webdataset", classes=names, splits=splits,
+                  loose={name: [] for name in splits}, skipped=skipped)

@@ -1,0 +1,241 @@
+"""Data where it lives: ImageNet's archives (nested per-synset tars, both val-label sources) and WebDataset
+shards, converted in place. Every archive here is built by the test from generated JPEGs."""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import jpeg_bytes
+from PIL import Image
+
+from convert.__main__ import main
+from fastpipe.data.beton import BetonSamples, read_manifest
+
+SYNSETS = ["n00000003", "n00000001", "n00000002"]   # archive order is not label order: labels are sorted synsets
+PER_SYNSET, VAL_PER_SYNSET = 5, 2
+BROKEN = b"\xff\xd8\xff\xe0 cut short"
+FAST = ["--workers", "2", "--write-mode", "raw", "--max-resolution", "64"]
+
+
+def picture(label: int, index: int) -> bytes:
+    """A JPEG whose colour says its class and whose size says its index."""
+    colour = [(200, 40, 40), (40, 200, 40), (40, 40, 200)][label]
+    pixels = np.zeros((40 + index, 48, 3), np.uint8) + np.array(colour, np.uint8)
+    pixels[:, : 4 + index] = 255
+    return jpeg_bytes(Image.fromarray(pixels))
+
+
+def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in files.items():
+            add(archive, name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ilsvrc")
+    sorted_synsets = sorted(SYNSETS)
+    train = {}
+    for synset in SYNSETS:
+        label = sorted_synsets.index(synset)
+        images = {f"{synset}_{i}.JPEG": picture(label, i) for i in range(PER_SYNSET)}
+        if synset == "n00000002":
+            images[f"{synset}_broken.JPEG"] = BROKEN   # a bad member: reported, never lost
+        train[f"{synset}.tar"] = tar_bytes(images)
+    (root / "train.tar").write_bytes(tar_bytes(train))
+    val, truth = {}, []
+    for number in range(1, VAL_PER_SYNSET * len(SYNSETS) + 1):
+        synset = SYNSETS[number % len(SYNSETS)]
+        val[f"ILSVRC2012_val_{number:08d}.JPEG"] = picture(sorted_synsets.index(synset), number)
+        truth.append(synset)
+    (root / "val.tar").write_bytes(tar_bytes(val))
+    with open(root / "LOC_val_solution.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ImageId", "PredictionString"])
+        for number, synset in enumerate(truth, start=1):
+            writer.writerow([f"ILSVRC2012_val_{number:08d}", f"{synset} 1 2 30 40 {synset} 3 4 20 30"])
+    # the devkit numbers classes its own way (ILSVRC2012_ID), and meta.mat also lists non-leaf synsets
+    from scipy.io import savemat
+
+    ids = {synset: 3 - i for i, synset in enumerate(sorted_synsets)}
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = [(ids[s], s, f"thing {s[-1]}", "", 0, np.zeros(0), 0, PER_SYNSET) for s in sorted_synsets]
+    rows.append((1001, "n09999999", "entity", "", 3, np.array([1, 2, 3]), 5, 0))
+    table = np.empty(len(rows), dtype=[(name, object) for name in fields])
+    for index, row in enumerate(rows):
+        table[index] = row
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": table})
+    ground_truth = "".join(f"{ids[synset]}\n" for synset in truth).encode()
+    devkit = tar_bytes({"ILSVRC2012_devkit_t12/data/meta.mat": meta.getvalue(),
+                        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": ground_truth})
+    (root / "devkit.tar.gz").write_bytes(gzip.compress(devkit))
+    return {"root": root, "truth": truth}
+
+
+def convert_imagenet(data: dict, out: Path, *labels: str) -> int:
+    root = data["root"]
+    return main(["imagenet", "--train", str(root / "train.tar"), "--val", str(root / "val.tar"), *labels,
+                 "--out", str(out), *FAST])
+
+
+def test_imagenet_archives_convert_in_place_with_sorted_synset_labels_from_either_label_source(imagenet, tmp_path):
+    root = imagenet["root"]
+    assert convert_imagenet(imagenet, tmp_path / "csv", "--val-labels", str(root / "LOC_val_solution.csv")) == 0
+    assert convert_imagenet(imagenet, tmp_path / "devkit", "--devkit", str(root / "devkit.tar.gz")) == 0
+    by_csv, by_devkit = read_manifest(tmp_path / "csv"), read_manifest(tmp_path / "devkit")
+    assert by_csv["classes"] == sorted(SYNSETS)
+    assert by_devkit["classes"] == [f"{synset}: thing {synset[-1]}" for synset in sorted(SYNSETS)]   # the words
+    assert by_csv["splits"]["val"]["samples"] == by_devkit["splits"]["val"]["samples"]   # the same labels
+    train = by_csv["splits"]["train"]
+    assert train["written"] == PER_SYNSET * len(SYNSETS)
+    assert train["skipped"][0]["path"] == "n00000002/n00000002_broken.JPEG" and len(train["skipped"]) == 1
+    names = [name for name, _ in train["samples"]]
+    assert names[0] == "n00000001/n00000001_0.JPEG" and names == sorted(names)   # label order, then archive order
+    # each sample's pixels say its class: the label the converter gave matches the colour
+    for split in ("train", "val"):
+        samples = BetonSamples(tmp_path / "csv" / f"{split}.beton")
+        for index, (_, label) in enumerate(by_csv["splits"][split]["samples"]):
+            pixels = samples.encoded(index).reshape(samples.height[index], samples.width[index], 3)
+            assert int(np.argmax(pixels[:, -1].mean(axis=0))) == label
+    expected = [sorted(SYNSETS).index(synset) for synset in imagenet["truth"]]
+    assert [label for _, label in by_csv["splits"]["val"]["samples"]] == expected
+    assert not list(Path(root).glob("n0*"))   # nothing was extracted beside the archives
+
+
+def test_an_up_to_date_archive_conversion_is_a_no_op(imagenet, tmp_path, capsys):
+    labels = ["--val-labels", str(imagenet["root"] / "LOC_val_solution.csv")]
+    assert convert_imagenet(imagenet, tmp_path / "out", *labels) == 0
+    before = (tmp_path / "out" / "train.beton").stat().st_mtime_ns
+    capsys.readouterr()
+    assert convert_imagenet(imagenet, tmp_path / "out", *labels) == 0
+    assert "Up to date" in capsys.readouterr().err
+    assert (tmp_path / "out" / "train.beton").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "truncated"),
+    ("gzip", "compressed"),
+    ("missing", "does not exist"),
+    ("not_imagenet", "not a per-synset tar"),
+])
+def test_damaged_or_wrong_archives_are_clear_errors(imagenet, tmp_path, capsys, damage, message):
+    train = tmp_path / "train.tar"
+    data = (imagenet["root"] / "train.tar").read_bytes()
+    if damage == "truncate":
+        train.write_bytes(data[: len(data) // 2])
+    elif damage == "gzip":
+        train.write_bytes(gzip.compress(data))
+    elif damage == "not_imagenet":
+        train.write_bytes(tar_bytes({"cat.jpg": picture(0, 0)}))
+    code = main(["imagenet", "--train", str(train), "--val", str(imagenet["root"] / "val.tar"), "--val-labels",
+                 str(imagenet["root"] / "LOC_val_solution.csv"), "--out", str(tmp_path / "out"), *FAST])
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_val_images_without_a_label_are_an_error_that_names_the_label_file(imagenet, tmp_path, capsys):
+    labels = tmp_path / "LOC_val_solution.csv"
+    lines = (imagenet["root"] / "LOC_val_solution.csv").read_text().splitlines()
+    labels.write_text("\n".join(lines[:-1]) + "\n")   # the last image's row is gone
+    assert convert_imagenet(imagenet, tmp_path / "out", "--val-labels", str(labels)) == 1
+    err = capsys.readouterr().err
+    assert "has no label" in err and str(labels) in err
+
+
+# ------------------------------------------------------------------------------------------ WebDataset
+def write_shards(folder: Path, count: int = 3, per_shard: int = 4) -> list[tuple[str, int]]:
+    """Shards train-000000.tar ...: key.jpg + key.cls, one sample with only a JSON label, one without any."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = []
+    for shard in range(count):
+        files = {}
+        for i in range(per_shard):
+            key, label = f"s{shard}_{i:03d}", (shard + i) % 3
+            files[f"{key}.jpg"] = picture(label, i)
+            files[f"{key}.cls"] = f"{label}\n".encode()
+            files[f"{key}.json"] = json.dumps({"label": label, "source": "test"}).encode()
+            expected.append((f"train-{shard:06d}.tar/{key}.jpg", label))
+        files[f"s{shard}_nolabel.jpg"] = picture(0, 9)
+        files[f"s{shard}_broken.jpg"] = BROKEN
+        files[f"s{shard}_broken.cls"] = b"1"
+        (folder / f"train-{shard:06d}.tar").write_bytes(tar_bytes(files))
+    return expected
+
+
+def test_webdataset_shards_convert_with_labels_from_cls_or_json_and_bad_samples_listed(tmp_path):
+    expected = write_shards(tmp_path / "shards")
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\n")
+    pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")
+    for name, extra in (("cls", []), ("json", ["--label-key", "json.label"])):
+        out = tmp_path / name
+        assert main(["webdataset", "--train", pattern, "--val-fraction", "0.25", "--classes",
+                     str(tmp_path / "classes.txt"), "--out", str(out), *FAST, *extra]) == 0
+        manifest = read_manifest(out)
+        assert manifest["classes"] == ["red", "green", "blue"]
+        written = manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"]
+        assert sorted(map(tuple, written)) == sorted(expected)
+        skipped = {item["path"]: item["reason"] for split in ("train", "val")
+                   for item in manifest["splits"][split]["skipped"]}
+        # with .cls labels the broken JPEGs are checked and fail; with JSON labels they have none to begin with
+        broken = ".jpg" if name == "cls" else ""
+        assert {path.rsplit("/", 1)[1] for path in skipped} == {
+            "s0_nolabel", "s1_nolabel", "s2_nolabel", *(f"s{shard}_broken{broken}" for shard in range(3))}
+        assert "no label" in skipped["train-000000.tar/s0_nolabel"]
+
+
+def test_webdataset_pattern_and_label_errors_are_clear(tmp_path, capsys):
+    write_shards(tmp_path / "shards", count=1)
+    out = ["--out", str(tmp_path / "out"), *FAST]
+    assert main(["webdataset", "--train", str(tmp_path / "shards" / "none-*.tar"), *out]) == 1
+    assert "no file matches" in capsys.readouterr().err
+    assert main(["webdataset", "--train", str(tmp_path / "shards" / "train-{000000..000003}.tar"), *out]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar" in err and "does not exist" in err
+    assert main(["webdataset", "--train", str(tmp_path / "shards" / "train-*.tar"), "--label-key", "txt", *out]) == 1
+    assert "No usable samples" in capsys.readouterr().err
+
+
+def test_shards_and_a_folder_of_the_same_images_make_the_same_betons(tmp_path):
+    """An archive source trains and evaluates like a converted folder: the same pixels, labels and order."""
+    shards, folder = tmp_path / "shards", tmp_path / "folder"
+    for split, count in (("train", 2), ("val", 1)):
+        files = {}
+        for i in range(6 * count):
+            label = i % 3
+            data = picture(label, i)
+            files[f"{split}{i:03d}.jpg"], files[f"{split}{i:03d}.cls"] = data, str(label).encode()
+            (folder / split / f"c{label}").mkdir(parents=True, exist_ok=True)
+            (folder / split / f"c{label}" / f"{split}{i:03d}.jpg").write_bytes(data)
+        shards.mkdir(exist_ok=True)
+        (shards / f"{split}.tar").write_bytes(tar_bytes(files))
+    (tmp_path / "classes.txt").write_text("c0\nc1\nc2\n")
+    assert main(["folder", str(folder), "--out", str(tmp_path / "a"), *FAST]) == 0
+    assert main(["webdataset", "--train", str(shards / "train.tar"), "--val", str(shards / "val.tar"),
+                 "--classes", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "b"), *FAST]) == 0
+    for split in ("train", "val"):
+        ours, theirs = BetonSamples(tmp_path / "a" / f"{split}.beton"), BetonSamples(tmp_path / "b" / f"{split}.beton")
+        # the folder orders by class then name; the shards in archive order: compare by name
+        names_a = [Path(name).name for name, _ in read_manifest(tmp_path / "a")["splits"][split]["samples"]]
+        names_b = [Path(name).name for name, _ in read_manifest(tmp_path / "b")["splits"][split]["samples"]]
+        assert sorted(names_a) == sorted(names_b)
+        for index_a, name in enumerate(names_a):
+            index_b = names_b.index(name)
+            assert ours.labels[index_a] == theirs.labels[index_b]
+            assert np.array_equal(ours.encoded(index_a), theirs.encoded(index_b))
