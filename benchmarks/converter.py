@@ -1,4 +1,5 @@
-"""Converter benchmark: conversion images/s with 1 and with all workers, the storage table (write mode x
+"""Converter benchmark: conversion images/s with 1 and with all workers, by source (folder, WebDataset shards,
+ImageNet's archives, the same images), the storage table (write mode x
 max resolution: beton size, FFCV loader img/s vs torchvision's ImageFolder path), and peak memory of a
 conversion at two data set sizes. Run `python -m benchmarks convert --help`.
 """
@@ -31,6 +32,8 @@ STORAGE_COLUMNS = {"write_mode": "write mode", "max_resolution": "max res", "siz
                    "kb_per_image": "KB/img", "convert_img_per_s": "convert img/s",
                    "loader_img_per_s": "FFCV img/s", "ratio_to_torch": "x torch",
                    "stock_img_per_s": "FFCV stock img/s", "stock_ratio_to_torch": "stock x torch"}
+SOURCE_COLUMNS = {"source": "source", "workers": "workers", "images": "images", "scan_s": "scan s",
+                  "seconds": "seconds", "img_per_s": "img/s", "vs_folder": "x folder"}
 MEMORY_COLUMNS = {"images": "images", "seconds": "seconds", "max_process_rss_mb": "max process RSS MB",
                   "tree_pss_mb": "tree PSS MB"}
 
@@ -49,7 +52,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=40, help="timed loader batches per case")
     parser.add_argument("--rss-sizes", default="2000,8000", help="data set sizes for the memory rows")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: throughput,storage,memory")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: throughput,sources,storage,memory")
 
 
 def synthetic_set(folder: Path, images: int, classes: int) -> Path:
@@ -91,6 +94,74 @@ def throughput_rows(source, work: Path, workers: int) -> list[dict]:
                      "img_per_s": images / seconds, "cpu_util_pct": usage.cpu_util_pct})
     for row in rows:
         row["speedup"] = row["img_per_s"] / rows[0]["img_per_s"]
+    return rows
+
+
+def pack_archives(source, folder: Path, shard_size: int = 500) -> dict:
+    """The source's images as WebDataset shards and as ImageNet's archives (per-synset tars in a train tar,
+    a flat val tar, LOC_val_solution.csv), written once: the same bytes for every converter source."""
+    import csv
+    import io
+    import tarfile
+
+    def add(archive, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "done"
+    synset = [f"n{label:08d}" for label in range(len(source.classes))]   # sorted like the class folders
+    if not done.exists():
+        for split, items in source.splits.items():
+            for first in range(0, len(items), shard_size):
+                with tarfile.open(folder / f"{split}-{first // shard_size:06d}.tar", "w") as shard:
+                    for index, (path, label) in enumerate(items[first:first + shard_size], start=first):
+                        add(shard, f"{split}{index:07d}.jpg", Path(path).read_bytes())
+                        add(shard, f"{split}{index:07d}.cls", str(label).encode())
+        with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as outer:
+            for label, name in enumerate(synset):
+                inner = io.BytesIO()
+                with tarfile.open(fileobj=inner, mode="w") as per_synset:
+                    for path, _ in (item for item in source.splits["train"] if item[1] == label):
+                        add(per_synset, f"{name}_{Path(path).stem}.JPEG", Path(path).read_bytes())
+                add(outer, f"{name}.tar", inner.getvalue())
+        with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as val, \
+                open(folder / "LOC_val_solution.csv", "w", newline="") as handle:
+            rows = csv.writer(handle)
+            rows.writerow(["ImageId", "PredictionString"])
+            for number, (path, label) in enumerate(source.splits["val"], start=1):
+                add(val, f"ILSVRC2012_val_{number:08d}.JPEG", Path(path).read_bytes())
+                rows.writerow([f"ILSVRC2012_val_{number:08d}", f"{synset[label]} 0 0 1 1"])
+        done.touch()
+    return {"shards": folder, "train_tar": folder / "ILSVRC2012_img_train.tar",
+            "val_tar": folder / "ILSVRC2012_img_val.tar", "val_labels": folder / "LOC_val_solution.csv"}
+
+
+def source_rows(source, work: Path, workers: int) -> list[dict]:
+    """Conversion img/s of the same images from a folder, WebDataset shards and ImageNet's archives (the
+    archive scan included)."""
+    from convert.imagenet import imagenet_source
+    from convert.webdataset import webdataset_source
+
+    packed = pack_archives(source, work / "archives")
+    makers = {"folder": lambda: source,
+              "webdataset": lambda: webdataset_source(str(packed["shards"] / "train-*.tar"),
+                                                      str(packed["shards"] / "val-*.tar")),
+              "imagenet": lambda: imagenet_source(packed["train_tar"], packed["val_tar"],
+                                                  val_labels=packed["val_labels"])}
+    rows = []
+    for name, make in makers.items():
+        started = time.perf_counter()
+        made = make()
+        scan = time.perf_counter() - started
+        seconds, manifest = convert_once(made, work / f"source-{name}", WriteSettings(), workers)
+        images = sum(split["written"] for split in manifest["splits"].values())
+        rows.append({"table": "sources", "source": name, "workers": workers, "images": images,
+                     "scan_s": round(scan, 2), "seconds": round(scan + seconds, 2),
+                     "img_per_s": images / (scan + seconds)})
+    for row in rows:
+        row["vs_folder"] = row["img_per_s"] / rows[0]["img_per_s"]
     return rows
 
 
@@ -179,6 +250,12 @@ def run(args) -> int:
         table = throughput_rows(source, work / "betons", args.workers)
         rows += table
         sections.append(("Conversion throughput (validate + write, both splits)", table, THROUGHPUT_COLUMNS))
+    if "sources" not in skip:
+        console.print("sources: the same images from a folder, WebDataset shards and ImageNet's archives ...")
+        table = source_rows(source, work / "betons", args.workers)
+        rows += table
+        sections.append(("Conversion img/s by source (the same images; archives read in place)", table,
+                         SOURCE_COLUMNS))
     if "storage" not in skip:
         console.print("storage table ...")
         table, torch_img_per_s = storage_rows(source, work / "betons", args, console)

@@ -1,4 +1,4 @@
-"""Command line: `python -m convert {imagenet,webdataset,imagenet-mini,folder,synthetic,adopt,verify,info}`.
+"""Command line: `python -m convert {imagenet,webdataset,parquet,imagenet-mini,folder,synthetic,adopt,verify,info}`.
 
 Run `python -m convert COMMAND --help` for the options of each command.
 """
@@ -115,6 +115,14 @@ def cmd_webdataset(args) -> None:
                                             val_fraction=args.val_fraction, seed=args.seed))
 
 
+def cmd_parquet(args) -> None:
+    from convert.parquet import parquet_source
+
+    convert(args, lambda: parquet_source(args.train, args.val, image_column=args.image_column,
+                                         label_column=args.label_column, classes=args.classes,
+                                         val_fraction=args.val_fraction, seed=args.seed))
+
+
 def cmd_synthetic(args) -> None:
     try:
         result = make_synthetic(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed,
@@ -177,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--val-fraction", type=float, default=0.1, help="without --val (default: %(default)s)")
     shards.add_argument("--out", required=True, help="output folder for the betons and manifest.json")
     shards.set_defaults(run=cmd_webdataset)
+
+    parquet = commands.add_parser("parquet", parents=[storage],
+                                  help="convert Hugging Face parquet shards (needs pyarrow: fastpipe[parquet])")
+    parquet.add_argument("--train", required=True, help="parquet files: a brace pattern or glob, e.g. 'DIR/train-*.parquet'")
+    parquet.add_argument("--val", help="val files (default: --val-fraction of each class of --train)")
+    parquet.add_argument("--image-column", default="image", help="(default: %(default)s)")
+    parquet.add_argument("--label-column", default="label", help="(default: %(default)s)")
+    parquet.add_argument("--classes", help="one class name per line, in label order (default: the ClassLabel names "
+                                           "in the files' metadata, else the labels' numbers)")
+    parquet.add_argument("--val-fraction", type=float, default=0.1, help="without --val (default: %(default)s)")
+    parquet.add_argument("--out", required=True, help="output folder for the betons and manifest.json")
+    parquet.set_defaults(run=cmd_parquet)
 
     synthetic = commands.add_parser("synthetic", help="write a synthetic ImageNet-like ImageFolder of JPEGs")
     synthetic.add_argument("--out", default="data/synthetic", help="(default: %(default)s)")

@@ -23,7 +23,6 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from convert.members import Member
 from convert.sources import LOOSE_REASON, ConvertError, Source
 from convert.validate import BadImage, check_image
 from convert.write import BetonJob, WriterProcess, WriteSettings, die_with_parent, process_context
@@ -75,9 +74,9 @@ def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:
     archives: dict[str, os.stat_result] = {}   # an archive's size and time stand for its members'
     for split, items in source.splits.items():
         for path, label in items:
-            if isinstance(path, Member):
+            if archived(path):
                 stat = archives.get(path.file) or archives.setdefault(path.file, os.stat(path.file))
-                where = f"{path.file}\0{path.offset}\0{path.size}\0{path.name}"
+                where = repr(path)
             else:
                 stat, where = path.stat(), str(path)
             digest.update(f"{split}\0{where}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -99,10 +98,16 @@ def up_to_date(out: Path, digest: str) -> dict | None:
     return manifest
 
 
+def archived(sample) -> bool:
+    """A sample inside an archive or a parquet file (convert.members.Member, convert.parquet.ParquetRow: they
+    have `file`, `name` and `read_bytes()`), not a file of its own."""
+    return not isinstance(sample, (str, os.PathLike))
+
+
 def sample_name(sample, root: Path) -> str:
     """How the manifest and the bad-file report name a sample: its path under the source folder, or its
     name inside the archive."""
-    return sample.name if isinstance(sample, Member) else Path(sample).relative_to(root).as_posix()
+    return sample.name if archived(sample) else Path(sample).relative_to(root).as_posix()
 
 
 def _check_one(job: tuple) -> tuple:
@@ -126,13 +131,13 @@ def validate_split(pool, items: list[tuple[Path, int]], settings: WriteSettings,
     """Check every file (or archive member) in the pool, in order. Returns the good samples (path or
     Member, label, width, height) and the skipped ones as {path, reason}; with `strict`, the first bad one
     is an error."""
-    jobs = [(path if isinstance(path, Member) else str(path), settings.max_resolution, settings.min_side)
+    jobs = [(path if archived(path) else str(path), settings.max_resolution, settings.min_side)
             for path, _ in items]
     results = pool.imap(_check_one, jobs, chunksize=8) if pool else map(_check_one, jobs)
     good, skipped = [], []
     for (path, label), (ok, detail) in zip(items, results):
         if ok:
-            good.append((path if isinstance(path, Member) else str(path), label, *detail))
+            good.append((path if archived(path) else str(path), label, *detail))
         else:
             if strict:
                 raise ConvertError(f"Bad image {path}: {detail}. (--strict stops at the first bad file; "

@@ -239,3 +239,53 @@ def test_shards_and_a_folder_of_the_same_images_make_the_same_betons(tmp_path):
             index_b = names_b.index(name)
             assert ours.labels[index_a] == theirs.labels[index_b]
             assert np.array_equal(ours.encoded(index_a), theirs.encoded(index_b))
+
+
+# --------------------------------------------------------------------------------------------- parquet
+def write_parquet(path: Path, rows: list[tuple[bytes | None, int | None]], *, struct: bool = True,
+                  names: list[str] | None = None, row_group_size: int = 3) -> None:
+    """The Hugging Face datasets layout: image {bytes, path} (or plain binary), label, ClassLabel names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = ([{"bytes": data, "path": f"img{i}.jpg"} for i, (data, _) in enumerate(rows)] if struct
+              else [data for data, _ in rows])
+    table = pa.table({"image": images, "label": pa.array([label for _, label in rows], type=pa.int64())})
+    if names:
+        features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_parquet_shards_convert_with_class_names_from_the_metadata_and_bad_rows_listed(tmp_path):
+    rows = [(picture(i % 3, i), i % 3) for i in range(9)]
+    rows[4] = (BROKEN, 1)          # undecodable bytes
+    rows[7] = (picture(1, 7), None)   # no label
+    write_parquet(tmp_path / "train-00000.parquet", rows[:6], names=["red", "green", "blue"])
+    write_parquet(tmp_path / "train-00001.parquet", rows[6:], names=["red", "green", "blue"])
+    write_parquet(tmp_path / "val-00000.parquet", [(picture(i % 3, i), i % 3) for i in range(6)], struct=False)
+    out = tmp_path / "out"
+    assert main(["parquet", "--train", str(tmp_path / "train-*.parquet"), "--val", str(tmp_path / "val-*.parquet"),
+                 "--out", str(out), *FAST]) == 0
+    manifest = read_manifest(out)
+    assert manifest["classes"] == ["red", "green", "blue"]
+    train = manifest["splits"]["train"]
+    assert train["written"] == 7 and manifest["splits"]["val"]["written"] == 6
+    reasons = {item["path"]: item["reason"] for item in train["skipped"]}
+    assert set(reasons) == {"train-00000.parquet/rg1/row1", "train-00001.parquet/rg0/row1"}
+    assert "no usable label" in reasons["train-00001.parquet/rg0/row1"]
+    samples = BetonSamples(out / "train.beton")
+    for index, (_, label) in enumerate(train["samples"]):   # each pixel colour says the label it got
+        pixels = samples.encoded(index).reshape(samples.height[index], samples.width[index], 3)
+        assert int(np.argmax(pixels[:, -1].mean(axis=0))) == label
+
+
+def test_parquet_errors_name_the_file_and_the_column(tmp_path, capsys):
+    write_parquet(tmp_path / "a.parquet", [(picture(0, 0), 0)] * 4)
+    out = ["--out", str(tmp_path / "out"), *FAST]
+    assert main(["parquet", "--train", str(tmp_path / "a.parquet"), "--label-column", "class", *out]) == 1
+    err = capsys.readouterr().err
+    assert "no column 'class'" in err and "a.parquet" in err
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
+    assert main(["parquet", "--train", str(tmp_path / "b.parquet"), *out]) == 1
+    assert "not a readable parquet file" in capsys.readouterr().err

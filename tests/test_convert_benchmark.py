@@ -15,3 +15,6 @@ def test_converter_benchmark_reports_throughput_per_worker_count(tmp_path):
     assert [row["workers"] for row in rows] == [1, 2]
     assert all(row["images"] == 24 and row["img_per_s"] > 0 for row in rows)
     assert "Conversion throughput" in (out / "results.md").read_text()
+    sources = {row["source"]: row for row in payload["results"] if row["table"] == "sources"}
+    assert list(sources) == ["folder", "webdataset", "imagenet"]   # the same images from each source
+    assert {row["images"] for row in sources.values()} == {24} and sources["folder"]["vs_folder"] == 1.0

@@ -1,0 +1,122 @@
+"""Hugging Face datasets' parquet shards: an image column ({bytes, path} structs, or plain binary) and an
+integer label column; class names from the `huggingface` schema metadata (ClassLabel names) when present.
+
+pyarrow reads them (`pip install 'fastpipe[parquet]'`). A sample is a `ParquetRow`; the converter's workers
+read its bytes through a small per-process cache of row groups, since parquet is read by row group and the
+workers take samples in order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from convert.members import expand_pattern
+from convert.sources import ConvertError, Source
+
+
+def _pyarrow():
+    try:
+        import pyarrow.parquet as pq  # optional: only `convert parquet` needs it
+    except ImportError as err:
+        raise ConvertError("convert parquet needs pyarrow: `pip install 'fastpipe[parquet]'` (or `pip install "
+                           "pyarrow`).") from err
+    return pq
+
+
+@lru_cache(maxsize=2)   # per process: the workers read samples in order, a row group after another
+def _row_group_images(file: str, row_group: int, column: str) -> list:
+    table = _pyarrow().ParquetFile(file).read_row_group(row_group, columns=[column])
+    values = table.column(0).combine_chunks()
+    if hasattr(values, "field"):   # a struct column: {bytes, path}
+        values = values.field("bytes")
+    return values.to_pylist()
+
+
+@dataclass(frozen=True, order=True)
+class ParquetRow:
+    """Row `row` of row group `row_group` of `file`; `name` is how the manifest and the bad-file report call it."""
+    file: str
+    row_group: int
+    row: int
+    column: str
+    name: str
+
+    def read_bytes(self) -> bytes:
+        data = _row_group_images(self.file, self.row_group, self.column)[self.row]
+        if data is None:
+            raise OSError("the image cell is empty")
+        return data
+
+
+def class_names_from_schema(schema, label_column: str) -> list[str] | None:
+    """ClassLabel names from the `huggingface` metadata the datasets library writes, if any."""
+    metadata = schema.metadata or {}
+    raw = metadata.get(b"huggingface")
+    if not raw:
+        return None
+    try:
+        features = json.loads(raw)["info"]["features"]
+        names = features[label_column].get("names")
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError):
+        return None
+    return list(names) if names else None
+
+
+def parquet_rows(paths: list[Path], image_column: str, label_column: str):
+    """(rows, skipped, class names or None) over the files, in file and row order."""
+    pq = _pyarrow()
+    rows, skipped, names = [], [], None
+    for path in paths:
+        try:
+            handle = pq.ParquetFile(path)
+        except Exception as err:   # pyarrow raises ArrowInvalid, OSError ...: say which file
+            raise ConvertError(f"{path} is not a readable parquet file ({err}).") from err
+        schema = handle.schema_arrow
+        for column in (image_column, label_column):
+            if column not in schema.names:
+                raise ConvertError(f"{path} has no column {column!r} (its columns: {', '.join(schema.names)}); "
+                                   f"name the right one with --image-column / --label-column.")
+        names = names or class_names_from_schema(schema, label_column)
+        for group in range(handle.num_row_groups):
+            labels = handle.read_row_group(group, columns=[label_column]).column(0).to_pylist()
+            for row, label in enumerate(labels):
+                name = f"{path.name}/rg{group}/row{row}"
+                if label is None or not isinstance(label, int) or label < 0:
+                    skipped.append({"path": name, "reason": f"no usable label in {label_column!r} ({label!r})"})
+                    continue
+                rows.append((ParquetRow(str(path), group, row, image_column, name), label))
+    return rows, skipped, names
+
+
+def parquet_source(train: str, val: str | None = None, image_column: str = "image", label_column: str = "label",
+                   classes: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Source:
+    """A Source over parquet shards; without `val`, each class's rows are split as `convert folder` does."""
+    from convert.sources import stratified_split
+    from convert.webdataset import read_classes
+
+    train_paths = expand_pattern(train, "--train")
+    splits, skipped, found = {}, {}, None
+    splits["train"], skipped["train"], found = parquet_rows(train_paths, image_column, label_column)
+    if val is not None:
+        splits["val"], skipped["val"], _ = parquet_rows(expand_pattern(val, "--val"), image_column, label_column)
+    if not splits["train"]:
+        raise ConvertError(f"No usable rows in {train} ({len(skipped['train'])} without a label).")
+    top = max(label for items in splits.values() for _, label in items)
+    names = read_classes(Path(classes).expanduser()) if classes else found or [str(i) for i in range(top + 1)]
+    if top >= len(names):
+        raise ConvertError(f"Label {top} is beyond the {len(names)} class names "
+                           f"({classes or 'the ClassLabel names in the parquet metadata'}).")
+    if val is None:
+        by_class: dict[str, list] = {}
+        for row, label in splits["train"]:
+            by_class.setdefault(str(label), []).append((row, label))
+        train_part, val_part = stratified_split(by_class, val_fraction, seed)
+        splits = {name: [item for key in sorted(part, key=int) for item in part[key]]
+                  for name, part in (("train", train_part), ("val", val_part))}
+        if not splits["val"]:
+            raise ConvertError("The val split is empty: pass --val PATTERN, or --val-fraction > 0 with at least two "
+                               "rows per class.")
+    return Source(root=train_paths[0].parent, layout="parquet", classes=names, splits=splits,
+                  loose={name: [] for name in splits}, skipped=skipped)
