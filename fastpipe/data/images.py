@@ -23,6 +23,9 @@ SWAPS_AXES = {5, 6, 7, 8}
 SNIFF_BYTES = 16
 
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+
+
 def sniff_format(head: bytes) -> str | None:
     """PIL format name from the first bytes of a file; the extension is not trusted (ImageNet has
     PNG data in .JPEG files)."""
