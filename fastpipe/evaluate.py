@@ -14,9 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastpipe.config import ConfigError, argument_parser, load_config
+from fastpipe.config import ConfigError, argument_parser
 from fastpipe.data.beton import BetonError, write_json_atomic
-from fastpipe.model import stem_of
 from fastpipe.report.classes import (  # noqa: F401 - write_predictions: public API
     REPORT_FILES,
     class_names,
@@ -25,10 +24,10 @@ from fastpipe.report.classes import (  # noqa: F401 - write_predictions: public 
     write_predictions,
 )
 from fastpipe.report.run import environment
-from fastpipe.train.assemble import build_model, loader_for
-from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
+from fastpipe.train.assemble import loader_for
+from fastpipe.train.checkpoint import CheckpointError
 from fastpipe.train.distributed import cleanup, gather_shards
-from fastpipe.train.runtime import build_runtime
+from fastpipe.trained import load_trained
 
 
 @dataclass
@@ -126,23 +125,9 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
                  out_dir: Path | None = None) -> dict:
     """Re-evaluate RUN_DIR/<checkpoint>.pt on the val split with RUN_DIR/config.toml (plus overrides) and
     write the end-of-training report (predictions, per-class, confusions, eval.json) to RUN_DIR/eval-<name>/."""
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} has no config.toml: pass a run directory written by `python -m fastpipe.train`.")
-    config = load_config(run_dir / "config.toml", list(overrides))
-    path = run_dir / f"{checkpoint}.pt" if checkpoint in ("best", "last") else Path(checkpoint)
-    state = load_checkpoint(path)
-    classes = list(state.get("classes") or [])
-    if not classes:
-        raise CheckpointError(f"{path} holds no class names; it was not written by fastpipe.train.")
-
-    runtime = build_runtime(config, distributed=True)   # under torchrun each rank evaluates its shard
-    model = build_model(config, len(classes), runtime, stem=stem_of(state))   # the stem the weights were trained with
-    try:
-        model.load_state_dict(evaluation_weights(state))
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit model.arch={config.model.arch} with model.width="
-                              f"{config.model.width}, model.blurpool={config.model.blurpool}: "
-                              f"{str(err).splitlines()[0]}") from err
+    trained = load_trained(run_dir, checkpoint, overrides, distributed=True)   # under torchrun: a shard each
+    config, model, classes, runtime, path, state = (trained.config, trained.model, trained.classes, trained.runtime,
+                                                    trained.checkpoint, trained.state)
     data, precision = config.data, runtime.precision
     loader = loader_for(config, "val", runtime)
     if list(loader.classes) != classes:
