@@ -289,3 +289,17 @@ def test_parquet_errors_name_the_file_and_the_column(tmp_path, capsys):
     (tmp_path / "b.parquet").write_bytes(b"PAR1 not really")
     assert main(["parquet", "--train", str(tmp_path / "b.parquet"), *out]) == 1
     assert "not a readable parquet file" in capsys.readouterr().err
+
+
+def test_the_torch_baseline_says_archive_betons_have_no_image_files(tmp_path):
+    write_shards(tmp_path / "shards", count=1, per_shard=6)
+    assert main(["webdataset", "--train", str(tmp_path / "shards" / "train-000000.tar"), "--val-fraction", "0.34",
+                 "--out", str(tmp_path / "out"), *FAST]) == 0
+    from fastpipe.data import build_loader
+    from fastpipe.data.beton import BetonError
+
+    with pytest.raises(BetonError, match="converted from archives"):
+        build_loader("torch", tmp_path / "out", "val", batch_size=2, resolution=32, workers=1)
+    loader = build_loader("ffcv", tmp_path / "out", "val", batch_size=2, resolution=32, workers=1, shuffle=False,
+                          drop_last=False)
+    assert sum(len(labels) for _, labels in loader) == read_manifest(tmp_path / "out")["splits"]["val"]["written"]

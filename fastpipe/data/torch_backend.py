@@ -22,6 +22,9 @@ from fastpipe.data.seeding import sample_seed
 TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
 
 
+ARCHIVE_LAYOUTS = ("imagenet_archives", "webdataset", "parquet")   # convert imagenet / webdataset / parquet
+
+
 class ManifestImages(Dataset):
     """Item (index, resolution, epoch) -> (HxWx3 uint8 image, label); resolution and epoch travel with the
     index so persistent workers follow `set_resolution` without a restart, and each train sample's
@@ -92,6 +95,9 @@ class TorchLoader(LoaderBase):
         if self.manifest.get("layout") == "adopted":
             raise BetonError(f"{self.data_dir} holds adopted betons (`python -m convert adopt`): there are no "
                              f"source images for the torch baseline to read. Use backend 'ffcv' or 'dali'.")
+        if self.manifest.get("layout") in ARCHIVE_LAYOUTS:
+            raise BetonError(f"{self.data_dir} was converted from archives ({self.manifest['layout']}): the torch "
+                             f"baseline reads image files, which were never extracted. Use backend 'ffcv' or 'dali'.")
         root = Path(self.manifest.get("source_root") or "")
         samples = self.split_info.get("samples")
         if not samples or not root.is_dir():
