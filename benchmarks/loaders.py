@@ -24,7 +24,8 @@ from benchmarks.measure import device_name, device_type_or_exit, time_epoch
 from benchmarks.report import TABLE_COLUMNS, make_console, print_table, write_report
 from benchmarks.resources import ResourceSampler
 from fastpipe.data import build_loader, crop_decode
-from fastpipe.data.beton import MODE_RAW, BetonError, BetonSamples, check_beton, read_manifest, split_info
+from fastpipe.data.beton import MODE_RAW, BetonError, BetonSamples, check_beton, read_manifest
+from fastpipe.data.sample_table import SampleTable
 
 BASELINE = "torch"
 LEGEND = [
@@ -88,7 +89,7 @@ def whole_image_decoded_pixels(data: str, split: str, resolution: int, backend: 
         manifest = read_manifest(data)
         root = Path(manifest["source_root"])
         area = 0
-        samples = split_info(manifest, split, data)["samples"]
+        samples = SampleTable(data, manifest, split).pairs()
         for relative, _ in samples:
             with Image.open(root / relative) as image:   # reads the header only
                 area += image.width * image.height

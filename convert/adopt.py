@@ -27,6 +27,7 @@ from fastpipe.data.beton import (
     sha256_file,
     write_json_atomic,
 )
+from fastpipe.data.sample_table import write_sample_table
 
 ADOPTED_LAYOUT = "adopted"
 
@@ -61,7 +62,7 @@ def split_record(split: str, path: Path, samples: BetonSamples) -> dict:
         "beton": path.name, "written": len(samples), "skipped": [],
         "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
         # no source files: a sample is named by its beton and index (predictions.csv rows, verify)
-        "samples": [[f"{path.name}#{index}", int(label)] for index, label in enumerate(samples.labels)],
+        "sample_table": write_sample_table(path.parent, split, None, samples.labels, samples.width, samples.height),
         "fields": samples.field_names,
         "settings": {"write_mode": storage_mode(samples.mode), "max_resolution": int(sides.max(initial=0))},
         "image_stats": {"min_side": int(sides.min(initial=0)), "max_side": int(sides.max(initial=0)),

@@ -36,6 +36,7 @@ from fastpipe.data.beton import (
     sha256_file,
     write_json_atomic,
 )
+from fastpipe.data.sample_table import write_sample_table
 from fastpipe.versions import package_versions
 
 SPLITS = ("train", "val")
@@ -214,17 +215,19 @@ def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings,
         manifest = {"format": MANIFEST_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "source_root": str(source.root), "layout": source.layout, "classes": source.classes,
                     "splits": {}, "versions": tool_versions(), "fingerprint": digest}
+        # Never pair new betons or sample tables with an old manifest: from here to the new one there is none.
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         for split in SPLITS:
             good, path = splits[split]["good"], temporaries[split]
             manifest["splits"][split] = {
                 "beton": f"{split}.beton", "written": len(good), "skipped": splits[split]["skipped"],
                 "size_bytes": path.stat().st_size, "sha256": sha256_file(path),
-                "samples": [[sample_name(file, source.root), label] for file, label, _, _ in good],
+                "sample_table": write_sample_table(out, split, [sample_name(file, source.root) for file, *_ in good],
+                                                   [label for _, label, _, _ in good],
+                                                   [width for *_, width, _ in good], [height for *_, height in good]),
                 "settings": settings_record(settings[split]), "image_stats": image_stats(good)}
         for path in temporaries.values():
             fsync_file(path)
-        # Never pair new betons with an old manifest: between here and the new manifest there is none.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
         for split in SPLITS:
             os.replace(temporaries[split], out / f"{split}.beton")
         fsync_dir(out)

@@ -24,6 +24,7 @@ from fastpipe.data.beton import (
     read_manifest,
     sha256_file,
 )
+from fastpipe.data.sample_table import SampleTable
 
 
 def decode_sample(samples: BetonSamples, index: int) -> np.ndarray:
@@ -62,12 +63,12 @@ def verify(data_dir: str | Path, console: Console | None = None) -> dict:
         if info.get("sha256") and sha256_file(path) != info["sha256"]:
             raise BetonError(f"{path}: sha256 differs from the manifest; the file changed after conversion. {fix}")
         samples = BetonSamples(path)
-        listed = info.get("samples")
-        if not len(samples) == info["written"] == len(listed if listed is not None else samples):
+        listed = SampleTable(data_dir, manifest, split)
+        if not len(samples) == info["written"] == len(listed):
             raise BetonError(f"{path}: {len(samples)} samples, manifest says {info['written']} "
                              f"written and lists {len(listed)}. {fix}")
         labels = samples.labels
-        expected = np.array([label for _, label in info["samples"]], dtype=np.int64)
+        expected = np.asarray(listed.labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
             raise BetonError(f"{path}: labels outside 0..{len(manifest['classes']) - 1}. {fix}")
         if not np.array_equal(labels, expected):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastpipe.config import ConfigError, argument_parser
 from fastpipe.data.beton import BetonError, write_json_atomic
+from fastpipe.data.sample_table import SampleTable
 from fastpipe.report.classes import (  # noqa: F401 - write_predictions: public API
     REPORT_FILES,
     class_names,
@@ -104,21 +105,24 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *,
     targets, preds = targets.astype(np.int64), preds.astype(np.int64)
     sample_ids = None
     if getattr(loader, "shuffle", True) is False and hasattr(loader, "manifest"):
-        sample_ids = manifest_sample_ids(loader.manifest, getattr(loader, "split", "val"), targets)
+        sample_ids = manifest_sample_ids(loader.manifest, getattr(loader, "split", "val"), targets,
+                                         getattr(loader, "data_dir", ""))
     return EvalResult(loss=float(losses.mean()), top1=float((preds == targets).mean()), top5=float(hits_k.mean()),
                       targets=targets, preds=preds, confidences=confidences.astype(np.float32), count=count,
                       topk=topk, num_classes=num_classes, classes=list(classes) if classes else None,
                       sample_ids=sample_ids, shards=shards)
 
 
-def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray) -> list[str] | None:
+def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray, data_dir="") -> list[str] | None:
     """Sample paths for predictions.csv, or None when the loader's order is not the manifest's
     (checked by comparing labels, so a shuffled or sharded loader falls back to indices)."""
-    samples = manifest.get("splits", {}).get(split, {}).get("samples") or []
-    if len(samples) != len(targets):
+    try:
+        table = SampleTable(data_dir, manifest, split)
+    except (BetonError, KeyError):
         return None
-    labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
-    return [path for path, _ in samples] if np.array_equal(labels, targets) else None
+    if len(table) != len(targets) or not np.array_equal(table.labels, targets):
+        return None
+    return table.names()
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] = (),

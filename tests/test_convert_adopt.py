@@ -17,6 +17,7 @@ from convert.adopt import adopt
 from convert.sources import ConvertError
 from fastpipe.data import build_loader
 from fastpipe.data.beton import BetonError
+from fastpipe.data.sample_table import split_samples
 
 CLASSES = 3
 
@@ -69,7 +70,7 @@ def test_betons_without_a_manifest_say_to_adopt_them_and_adopt_writes_it(imagene
     assert manifest["classes"] == ["red", "green", "blue"] and manifest["layout"] == "adopted"
     train = manifest["splits"]["train"]
     expected = Pictures(60, seed=5)
-    assert train["written"] == 60 and [label for _, label in train["samples"]] == expected.labels.tolist()
+    assert train["written"] == 60 and [label for _, label in split_samples(imagenet_style, "train")] == expected.labels.tolist()
     assert train["settings"]["write_mode"] == "jpg" and manifest["splits"]["val"]["settings"]["write_mode"] == "raw"
     assert train["image_stats"]["max_side"] <= 96 and train["sha256"] and train["size_bytes"] > 0
     assert train["fields"] == {"image": "image", "label": "label"}

@@ -16,6 +16,7 @@ from PIL import Image
 
 from convert.__main__ import main
 from fastpipe.data.beton import BetonSamples, read_manifest
+from fastpipe.data.sample_table import split_samples
 
 SYNSETS = ["n00000003", "n00000001", "n00000002"]   # archive order is not label order: labels are sorted synsets
 PER_SYNSET, VAL_PER_SYNSET = 5, 2
@@ -101,20 +102,20 @@ def test_imagenet_archives_convert_in_place_with_sorted_synset_labels_from_eithe
     by_csv, by_devkit = read_manifest(tmp_path / "csv"), read_manifest(tmp_path / "devkit")
     assert by_csv["classes"] == sorted(SYNSETS)
     assert by_devkit["classes"] == [f"{synset}: thing {synset[-1]}" for synset in sorted(SYNSETS)]   # the words
-    assert by_csv["splits"]["val"]["samples"] == by_devkit["splits"]["val"]["samples"]   # the same labels
+    assert split_samples(tmp_path / "csv", "val") == split_samples(tmp_path / "devkit", "val")   # the same labels
     train = by_csv["splits"]["train"]
     assert train["written"] == PER_SYNSET * len(SYNSETS)
     assert train["skipped"][0]["path"] == "n00000002/n00000002_broken.JPEG" and len(train["skipped"]) == 1
-    names = [name for name, _ in train["samples"]]
+    names = [name for name, _ in split_samples(tmp_path / "csv", "train")]
     assert names[0] == "n00000001/n00000001_0.JPEG" and names == sorted(names)   # label order, then archive order
     # each sample's pixels say its class: the label the converter gave matches the colour
     for split in ("train", "val"):
         samples = BetonSamples(tmp_path / "csv" / f"{split}.beton")
-        for index, (_, label) in enumerate(by_csv["splits"][split]["samples"]):
+        for index, (_, label) in enumerate(split_samples(tmp_path / "csv", split)):
             pixels = samples.encoded(index).reshape(samples.height[index], samples.width[index], 3)
             assert int(np.argmax(pixels[:, -1].mean(axis=0))) == label
     expected = [sorted(SYNSETS).index(synset) for synset in imagenet["truth"]]
-    assert [label for _, label in by_csv["splits"]["val"]["samples"]] == expected
+    assert [label for _, label in split_samples(tmp_path / "csv", "val")] == expected
     assert not list(Path(root).glob("n0*"))   # nothing was extracted beside the archives
 
 
@@ -189,7 +190,7 @@ def test_webdataset_shards_convert_with_labels_from_cls_or_json_and_bad_samples_
                      str(tmp_path / "classes.txt"), "--out", str(out), *FAST, *extra]) == 0
         manifest = read_manifest(out)
         assert manifest["classes"] == ["red", "green", "blue"]
-        written = manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"]
+        written = split_samples(out, "train") + split_samples(out, "val")
         assert sorted(map(tuple, written)) == sorted(expected)
         skipped = {item["path"]: item["reason"] for split in ("train", "val")
                    for item in manifest["splits"][split]["skipped"]}
@@ -232,8 +233,8 @@ def test_shards_and_a_folder_of_the_same_images_make_the_same_betons(tmp_path):
     for split in ("train", "val"):
         ours, theirs = BetonSamples(tmp_path / "a" / f"{split}.beton"), BetonSamples(tmp_path / "b" / f"{split}.beton")
         # the folder orders by class then name; the shards in archive order: compare by name
-        names_a = [Path(name).name for name, _ in read_manifest(tmp_path / "a")["splits"][split]["samples"]]
-        names_b = [Path(name).name for name, _ in read_manifest(tmp_path / "b")["splits"][split]["samples"]]
+        names_a = [Path(name).name for name, _ in split_samples(tmp_path / "a", split)]
+        names_b = [Path(name).name for name, _ in split_samples(tmp_path / "b", split)]
         assert sorted(names_a) == sorted(names_b)
         for index_a, name in enumerate(names_a):
             index_b = names_b.index(name)
@@ -275,7 +276,7 @@ def test_parquet_shards_convert_with_class_names_from_the_metadata_and_bad_rows_
     assert set(reasons) == {"train-00000.parquet/rg1/row1", "train-00001.parquet/rg0/row1"}
     assert "no usable label" in reasons["train-00001.parquet/rg0/row1"]
     samples = BetonSamples(out / "train.beton")
-    for index, (_, label) in enumerate(train["samples"]):   # each pixel colour says the label it got
+    for index, (_, label) in enumerate(split_samples(out, "train")):   # each pixel colour says the label it got
         pixels = samples.encoded(index).reshape(samples.height[index], samples.width[index], 3)
         assert int(np.argmax(pixels[:, -1].mean(axis=0))) == label
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from convert.__main__ import main
 from convert.verify import MODE_JPEG, iter_samples, verify
 from fastpipe.data.beton import BETON_HEADER, BetonError, BetonSamples, check_beton, sha256_file
+from fastpipe.data.sample_table import split_samples
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_a_corrupt_jpeg_payload_is_reported_not_crashed_on(copy):
 
 def test_labels_and_counts_must_match_the_manifest(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
-    samples = manifest["splits"]["val"]["samples"]
+    samples = split_samples(copy, "val")
     samples[0][1] = (samples[0][1] + 1) % len(manifest["classes"])
     rewrite_manifest(copy, split="val", samples=samples)
     with pytest.raises(BetonError, match="sample 0 has label"):
@@ -101,7 +102,7 @@ def test_labels_and_counts_must_match_the_manifest(copy):
 def test_decoded_samples_follow_the_manifest_order(betons, synthetic_folder):
     manifest = json.loads((betons / "manifest.json").read_text())
     info = manifest["splits"]["val"]
-    for (image, label), (relative, expected) in zip(iter_samples(betons / "val.beton"), info["samples"]):
+    for (image, label), (relative, expected) in zip(iter_samples(betons / "val.beton"), split_samples(betons, "val")):
         assert label == expected and manifest["classes"][label] == relative.split("/")[-2]
         assert image.dtype == np.uint8 and max(image.shape[:2]) <= info["settings"]["max_resolution"]
 

@@ -16,6 +16,7 @@ from data_helpers import write_dataset
 from fastpipe.data import build_loader
 from fastpipe.data.beton import BetonSamples, read_manifest
 from fastpipe.data.device import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from fastpipe.data.sample_table import split_samples
 
 BACKENDS = ["ffcv", "dali", "torch"]
 TRAIN, VAL, BATCH, RES = 24, 18, 8, 32
@@ -78,7 +79,7 @@ def test_val_epoch_yields_every_sample_once_in_manifest_order(val_loaders, coded
     assert batch.is_contiguous(memory_format=torch.channels_last)
     all_images, all_labels = torch.cat(images), torch.cat(labels)
     assert all_labels.dtype == torch.int64
-    expected = [label for _, label in read_manifest(coded_dir)["splits"]["val"]["samples"]]
+    expected = [label for _, label in split_samples(coded_dir, "val")]
     assert all_labels.tolist() == expected
     assert sample_ids(all_images, offset=TRAIN) == list(range(VAL))
     assert loader.num_samples == VAL and loader.backend == backend and len(loader.classes) == 3
@@ -186,7 +187,7 @@ def test_raw_pixel_samples_read_back_exactly(mixed_dir):
     assert raw and len(raw) < len(samples)   # a mixed beton, or this test proves nothing
     for i in raw:
         pixels = samples.encoded(i).reshape(samples.height[i], samples.width[i], 3)
-        original = np.asarray(Image.open(manifest["source_root"] + "/" + manifest["splits"]["val"]["samples"][i][0]))
+        original = np.asarray(Image.open(manifest["source_root"] + "/" + split_samples(mixed_dir, "val")[i][0]))
         assert np.array_equal(pixels, original)
 
 

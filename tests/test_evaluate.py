@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
+from fastpipe.config import load_config
+from fastpipe.data.sample_table import split_samples
 from fastpipe.evaluate import evaluate, manifest_sample_ids, write_predictions
 
 
@@ -163,7 +165,7 @@ def test_evaluate_cli_writes_the_report_with_manifest_paths_and_classes_for_ever
     assert main([str(run_dir), "--checkpoint", "best", "--backend", backend, "--out", str(out),
                  "--data.val_batch_size=1"]) == 0
     assert "top-1" in capsys.readouterr().out
-    samples = manifest["splits"]["val"]["samples"]
+    samples = split_samples(load_config(run_dir / "config.toml").data.path, "val")
     predictions = pd.read_csv(out / "predictions.csv")
     assert predictions["path"].tolist() == [path for path, _ in samples]
     assert predictions["true"].tolist() == [manifest["classes"][label] for _, label in samples]

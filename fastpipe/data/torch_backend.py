@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
 from fastpipe.data.beton import BetonError
 from fastpipe.data.images import SNIFF_BYTES, decode_rgb, sniff_format
+from fastpipe.data.sample_table import SampleTable
 from fastpipe.data.seeding import sample_seed
 
 TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
@@ -99,7 +100,7 @@ class TorchLoader(LoaderBase):
             raise BetonError(f"{self.data_dir} was converted from archives ({self.manifest['layout']}): the torch "
                              f"baseline reads image files, which were never extracted. Use backend 'ffcv' or 'dali'.")
         root = Path(self.manifest.get("source_root") or "")
-        samples = self.split_info.get("samples")
+        samples = SampleTable(self.data_dir, self.manifest, split).pairs()   # the baseline reads files by name
         if not samples or not root.is_dir():
             raise BetonError(f"The torch backend reads the original images, but {self.data_dir}/manifest.json "
                              f"lists {'no samples' if not samples else f'source_root {root}, which does not exist'}. "

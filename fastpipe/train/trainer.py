@@ -360,7 +360,8 @@ class Trainer:
                    "outside_step_s": outside_step_summary(self.outside_step)}
         sample_ids = None
         if self.last_eval is not None:
-            sample_ids = manifest_sample_ids(getattr(self.val_loader, "manifest", {}), "val", self.last_eval.targets)
+            sample_ids = manifest_sample_ids(getattr(self.val_loader, "manifest", {}), "val", self.last_eval.targets,
+                                             getattr(self.val_loader, "data_dir", ""))
         self.report.finish(summary, self.last_eval, sample_ids=sample_ids)
         self.report.log(f"done: best val top-1 {self.run.best_top1:.2%}; outputs in {self.run_dir}")
 

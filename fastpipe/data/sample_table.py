@@ -1,0 +1,92 @@
+"""Per-sample names, labels and stored sizes of a split, beside the manifest rather than in it.
+
+At ImageNet scale a list of [name, label] pairs in manifest.json is ~90 MB of JSON that every loader process
+parsed into ~1.3M Python objects. The manifest now names two files per split: `<split>.samples.npy`, one
+fixed-size row per sample (label, the name's byte range, width, height), memory-mapped by whoever reads it,
+and `<split>.names.bin`, the names as NUL-separated UTF-8, read only by what needs paths (the torch baseline,
+predictions.csv). Manifests of earlier releases, with the list inline, keep loading.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastpipe.data.beton import BetonError, atomic_write, convert_hint, read_manifest, split_info
+
+ROW = np.dtype([("label", "<i8"), ("name_start", "<i8"), ("name_end", "<i8"), ("width", "<i4"), ("height", "<i4")])
+
+
+def write_sample_table(out: str | os.PathLike, split: str, names: list[str] | None, labels, widths=None,
+                       heights=None) -> dict:
+    """Write OUT/<split>.samples.npy (and .names.bin unless `names` is None: adopted betons, whose samples
+    are named `<beton>#<index>`) atomically; returns the manifest's `sample_table` entry."""
+    out = Path(out)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.zeros(len(labels), dtype=ROW)
+    rows["label"] = labels
+    rows["width"] = 0 if widths is None else widths
+    rows["height"] = 0 if heights is None else heights
+    entry = {"rows": f"{split}.samples.npy", "count": len(labels), "names": None}
+    if names is not None:
+        encoded = [name.encode() for name in names]
+        lengths = np.fromiter((len(name) + 1 for name in encoded), dtype=np.int64, count=len(encoded))
+        rows["name_end"] = np.cumsum(lengths) - 1
+        rows["name_start"] = rows["name_end"] - (lengths - 1)
+        with atomic_write(out / f"{split}.names.bin", "wb") as handle:
+            handle.write(b"".join(name + b"\0" for name in encoded))
+        entry["names"] = f"{split}.names.bin"
+    with atomic_write(out / entry["rows"], "wb") as handle:
+        np.save(handle, rows)
+    return entry
+
+
+class SampleTable:
+    """One split's samples as the manifest describes them: `labels` (memory-mapped), `names()` (read on
+    demand), `pairs()` ([name, label] lists, as earlier manifests held them)."""
+
+    def __init__(self, data_dir: str | os.PathLike, manifest: dict, split: str):
+        self.data_dir, self.split = Path(data_dir), split
+        info = split_info(manifest, split, data_dir)
+        self.beton = info.get("beton", f"{split}.beton")
+        self.inline = info.get("samples")   # an earlier release's manifest
+        if self.inline is not None:
+            self.labels = np.fromiter((label for _, label in self.inline), dtype=np.int64, count=len(self.inline))
+            return
+        if "sample_table" not in info:
+            raise BetonError(f"The manifest in {data_dir} lists no samples for '{split}'. {convert_hint(data_dir)}")
+        self.entry = info["sample_table"]
+        path = self.data_dir / self.entry["rows"]
+        try:
+            self.rows = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise BetonError(f"{path} (the per-sample table the manifest names) is missing or unreadable ({err}). "
+                             f"Re-create it with `python -m convert ... --out {data_dir} --force`.") from err
+        if self.rows.dtype != ROW or len(self.rows) != self.entry["count"]:
+            raise BetonError(f"{path} does not match the manifest ({len(self.rows)} rows, manifest says "
+                             f"{self.entry['count']}). Re-create it with `python -m convert ... --force`.")
+        self.labels = self.rows["label"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def names(self) -> list[str]:
+        if self.inline is not None:
+            return [name for name, _ in self.inline]
+        if self.entry["names"] is None:
+            return [f"{self.beton}#{index}" for index in range(len(self))]
+        blob = (self.data_dir / self.entry["names"]).read_bytes()
+        names = blob.decode().split("\0")[:-1]
+        if len(names) != len(self):
+            raise BetonError(f"{self.data_dir / self.entry['names']} holds {len(names)} names for {len(self)} samples. "
+                             f"Re-create it with `python -m convert ... --force`.")
+        return names
+
+    def pairs(self) -> list[list]:
+        return [[name, int(label)] for name, label in zip(self.names(), self.labels)]
+
+
+def split_samples(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[list]:
+    """[name, label] per sample of `split` (reads every name: for tools and tests, not for loaders)."""
+    return SampleTable(data_dir, manifest or read_manifest(data_dir), split).pairs()

@@ -1,0 +1,52 @@
+"""Per-sample names and labels live beside the manifest (memory-mapped), not in it; old manifests still load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastpipe.data.beton import BetonError, read_manifest
+from fastpipe.data.sample_table import SampleTable, split_samples, write_sample_table
+
+
+def test_a_written_table_reads_back_with_names_labels_and_sizes(tmp_path):
+    names = ["a/ü 1.jpg", "b/2.JPEG", "shard-000.tar/key3.jpg"]
+    entry = write_sample_table(tmp_path, "val", names, [2, 0, 1], [10, 20, 30], [11, 21, 31])
+    manifest = {"splits": {"val": {"beton": "val.beton", "sample_table": entry}}}
+    table = SampleTable(tmp_path, manifest, "val")
+    assert isinstance(table.rows, np.memmap) and len(table) == 3
+    assert table.labels.tolist() == [2, 0, 1] and table.rows["width"].tolist() == [10, 20, 30]
+    assert table.names() == names and table.pairs() == [[n, label] for n, label in zip(names, [2, 0, 1])]
+    unnamed = write_sample_table(tmp_path, "train", None, [0, 1], [5, 5], [5, 5])   # adopted betons
+    manifest["splits"]["train"] = {"beton": "x.beton", "sample_table": unnamed}
+    assert SampleTable(tmp_path, manifest, "train").names() == ["x.beton#0", "x.beton#1"]
+    assert not (tmp_path / "train.names.bin").exists()
+
+
+def test_an_earlier_manifest_with_the_samples_inline_loads_the_same(tmp_path):
+    pairs = [["a/1.jpg", 1], ["b/2.jpg", 0]]
+    inline = {"splits": {"val": {"samples": pairs}}}
+    assert SampleTable(tmp_path, inline, "val").pairs() == pairs
+    assert SampleTable(tmp_path, inline, "val").labels.tolist() == [1, 0]
+
+
+def test_a_missing_or_mismatched_table_is_a_clear_error(tmp_path):
+    entry = write_sample_table(tmp_path, "val", ["a"], [0])
+    manifest = {"splits": {"val": {"sample_table": {**entry, "count": 2}}}}
+    with pytest.raises(BetonError, match="does not match the manifest"):
+        SampleTable(tmp_path, manifest, "val")
+    (tmp_path / entry["rows"]).unlink()
+    with pytest.raises(BetonError, match="missing or unreadable"):
+        SampleTable(tmp_path, {"splits": {"val": {"sample_table": entry}}}, "val")
+
+
+def test_converted_manifests_hold_no_per_sample_lists(betons):
+    manifest = read_manifest(betons)
+    text = (betons / "manifest.json").read_text()
+    for split in ("train", "val"):
+        assert "samples" not in manifest["splits"][split]
+        assert len(split_samples(betons, split)) == manifest["splits"][split]["written"]
+    # what is left per sample is the skipped list (none here): the manifest's size does not grow with the set
+    assert len(text) < 8_000, len(text)
+    assert json.loads(text)["splits"]["train"]["sample_table"]["rows"] == "train.samples.npy"
