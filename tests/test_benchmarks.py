@@ -338,3 +338,15 @@ def test_ddp_benchmark_times_each_option_pair_under_two_processes(tmp_path):
     assert all(row["processes"] == 2 and row["ms_per_step"] > 0 for row in rows)
     assert "gradient_as_bucket_view" in result.stdout   # rank 0's table, once
     assert result.stdout.count("DDP options:") == 1
+
+
+def test_scale_benchmark_reports_manifest_size_first_batch_and_memory_per_size(tmp_path):
+    out = tmp_path / "scale"
+    assert main(["scale", "--samples", "600,1800", "--backends", "dali", "--work", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [row["samples"] for row in rows] == [600, 1800]
+    assert rows[0]["manifest_kb"] == rows[1]["manifest_kb"] < 64   # the manifest does not grow with the set
+    assert rows[1]["table_mb"] > rows[0]["table_mb"]               # the per-sample table does
+    assert all(row["first_batch_s"] > 0 and row["peak_rss_mb"] > row["anon_mb"] > 0 for row in rows)
+    assert "anon_bytes_per_added_sample" in rows[1]
