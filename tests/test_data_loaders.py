@@ -311,3 +311,16 @@ def test_dali_draws_ffcv_s_crop_windows(mixed_dir):
     assert len(set(map(tuple, windows.tolist()))) == len(windows)   # different windows per sample
     difference = (images["ffcv"] - images["dali"]).abs().flatten(1).mean(dim=1)
     assert difference.max() < 1   # same windows (another seed differs by 2-17 levels per image here)
+
+
+def test_ffcv_loaders_skip_the_per_sample_dicts_they_do_not_read(betons):
+    """FFCV's memory manager built sample -> pages, page -> samples and pointer -> size dicts in every process
+    (~450 MB at 1.28M samples); reading from the page cache needs none of them, so they are built only if asked."""
+    from fastpipe.data.ffcv_backend import LeanOSCacheManager
+
+    loader = make_loader("ffcv", betons, "train", batch_size=BATCH, resolution=RES, workers=1)
+    manager = loader.loader.memory_manager
+    assert isinstance(manager, LeanOSCacheManager) and "sample_to_pages" not in vars(manager)
+    next(iter(loader))
+    assert "sample_to_pages" not in vars(manager)
+    assert sum(len(pages) for pages in manager.sample_to_pages.values()) >= loader.num_samples   # still there on demand
