@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from convert.members import expand_pattern
-from convert.sources import ConvertError, Source
+from convert.sources import ConvertError, Source, class_names, split_by_label
 
 
 def _pyarrow():
@@ -93,7 +93,6 @@ def parquet_rows(paths: list[Path], image_column: str, label_column: str):
 def parquet_source(train: str, val: str | None = None, image_column: str = "image", label_column: str = "label",
                    classes: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Source:
     """A Source over parquet shards; without `val`, each class's rows are split as `convert folder` does."""
-    from convert.sources import stratified_split
     from convert.webdataset import read_classes
 
     train_paths = expand_pattern(train, "--train")
@@ -103,20 +102,10 @@ def parquet_source(train: str, val: str | None = None, image_column: str = "imag
         splits["val"], skipped["val"], _ = parquet_rows(expand_pattern(val, "--val"), image_column, label_column)
     if not splits["train"]:
         raise ConvertError(f"No usable rows in {train} ({len(skipped['train'])} without a label).")
-    top = max(label for items in splits.values() for _, label in items)
-    names = read_classes(Path(classes).expanduser()) if classes else found or [str(i) for i in range(top + 1)]
-    if top >= len(names):
-        raise ConvertError(f"Label {top} is beyond the {len(names)} class names "
-                           f"({classes or 'the ClassLabel names in the parquet metadata'}).")
+    names = class_names((label for items in splits.values() for _, label in items),
+                        read_classes(Path(classes).expanduser()) if classes else found,
+                        classes or "the ClassLabel names in the parquet metadata")
     if val is None:
-        by_class: dict[str, list] = {}
-        for row, label in splits["train"]:
-            by_class.setdefault(str(label), []).append((row, label))
-        train_part, val_part = stratified_split(by_class, val_fraction, seed)
-        splits = {name: [item for key in sorted(part, key=int) for item in part[key]]
-                  for name, part in (("train", train_part), ("val", val_part))}
-        if not splits["val"]:
-            raise ConvertError("The val split is empty: pass --val PATTERN, or --val-fraction > 0 with at least two "
-                               "rows per class.")
+        splits = split_by_label(splits["train"], val_fraction, seed)
     return Source(root=train_paths[0].parent, layout="parquet", classes=names, splits=splits,
                   loose={name: [] for name in splits}, skipped=skipped)

@@ -165,6 +165,9 @@ def _remove_stale_temporaries(out: Path) -> None:
         pid = path.name.rsplit(".", 2)[-2]
         if not (pid.isdigit() and psutil.pid_exists(int(pid))):
             path.unlink(missing_ok=True)
+    for pattern in (".*.samples.npy.*.tmp", ".*.names.bin.*.tmp"):   # sample tables a killed run left
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def convert_source(source: Source, out: str | os.PathLike, train: WriteSettings, val: WriteSettings,

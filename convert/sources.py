@@ -109,6 +109,31 @@ def stratified_split(files: dict[str, list[Path]], val_fraction: float, seed: in
     return train, val
 
 
+def split_by_label(items: list, val_fraction: float, seed: int) -> dict[str, list]:
+    """(sample, label) items of one set into train and val, each class as `stratified_split` splits class
+    folders; in label order, each class's samples in their order. For sources without a val set."""
+    by_class: dict[str, list] = {}
+    for item in items:
+        by_class.setdefault(str(item[1]), []).append(item)
+    train, val = stratified_split(by_class, val_fraction, seed)
+    splits = {name: [item for key in sorted(part, key=int) for item in part[key]]
+              for name, part in (("train", train), ("val", val))}
+    if not splits["val"]:
+        raise ConvertError("The val split is empty: pass --val PATTERN, or --val-fraction > 0 with at least two "
+                           "samples per class.")
+    return splits
+
+
+def class_names(labels, names: list[str] | None, origin: str) -> list[str]:
+    """`names` (from a classes file or the data's metadata), checked to cover every label; else the numbers."""
+    top = max(labels)
+    names = names or [str(label) for label in range(top + 1)]
+    if top >= len(names):
+        raise ConvertError(f"Label {top} is beyond the {len(names)} class names of {origin}: are they the "
+                           f"names of this data?")
+    return names
+
+
 def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> Source:
     """Scan an ImageFolder. Uses SRC/train and SRC/val when both exist, else splits the class folders
     under SRC (or under SRC/train when there is no val/)."""

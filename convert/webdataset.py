@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from convert.members import Member, expand_pattern, scan_tar
-from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
+from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source, class_names, split_by_label
 
 NO_IMAGE = "no image member (expected one of: {})".format(", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
 
@@ -82,8 +82,6 @@ def webdataset_source(train: str, val: str | None = None, label_key: str = "cls"
                       val_fraction: float = 0.1, seed: int = 0) -> Source:
     """A Source over WebDataset shards. Without `val`, each class's samples are split as `convert folder`
     splits class folders. Class names from `classes` (one per line, in label order), else the labels' numbers."""
-    from convert.sources import stratified_split
-
     train_paths = expand_pattern(train, "--train")
     splits, skipped = {}, {}
     splits["train"], skipped["train"] = shard_samples(train_paths, label_key)
@@ -92,20 +90,9 @@ def webdataset_source(train: str, val: str | None = None, label_key: str = "cls"
     if not splits["train"]:
         reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped["train"][:3])
         raise ConvertError(f"No usable samples in {train} ({len(skipped['train'])} left out, e.g. {reasons}).")
-    top = max(label for items in splits.values() for _, label in items)
-    names = read_classes(Path(classes).expanduser()) if classes else [str(label) for label in range(top + 1)]
-    if top >= len(names):
-        raise ConvertError(f"Label {top} is beyond the {len(names)} classes of {classes}: is it the classes file "
-                           f"of these shards?")
+    names = class_names((label for items in splits.values() for _, label in items),
+                        read_classes(Path(classes).expanduser()) if classes else None, classes or "the labels")
     if val is None:
-        by_class: dict[str, list] = {}
-        for member, label in splits["train"]:
-            by_class.setdefault(str(label), []).append((member, label))
-        train_part, val_part = stratified_split(by_class, val_fraction, seed)
-        splits = {name: [item for key in sorted(part, key=int) for item in part[key]]
-                  for name, part in (("train", train_part), ("val", val_part))}
-        if not splits["val"]:
-            raise ConvertError("The val split is empty: pass --val PATTERN, or --val-fraction > 0 with at least two "
-                               "samples per class.")
+        splits = split_by_label(splits["train"], val_fraction, seed)
     return Source(root=train_paths[0].parent, layout="webdataset", classes=names, splits=splits,
                   loose={name: [] for name in splits}, skipped=skipped)

@@ -59,7 +59,9 @@ def test_killed_converter_leaves_no_final_file_and_a_rerun_completes(many_files,
     manifest = convert_source(find_samples(many_files), out, WriteSettings(), WriteSettings(), workers=2,
                               console=quiet_console)
     assert manifest["splits"]["train"]["written"] + manifest["splits"]["val"]["written"] == 1000
-    assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "train.beton", "val.beton"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "manifest.json", *(f"{split}.{kind}" for split in ("train", "val")
+                           for kind in ("beton", "names.bin", "samples.npy"))]
 
 
 def test_a_crashed_ffcv_worker_is_stopped_by_the_watchdog(synthetic_folder, tmp_path):
