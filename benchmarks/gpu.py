@@ -75,7 +75,7 @@ class Sizes:
 FULL = Sizes(classes=100, per_class=100, val_per_class=10, image_sides=(200, 500), resolutions=(160, 224),
              loader_batch=256, loader_epochs=1, max_batches=None, train_res=160,
              train_batch={"resnet50": 512, "resnet18": 512}, train_steps=30, graph_res=(160, 192),
-             # 8 minutes in all; compiling ResNet-50 and -18 (train) and -18 twice more (graphs) is most of it
+             # 8.3 minutes in all (graphs: CPU only unless --graphs); compiling ResNet-50 and -18 is most of it
              budgets={"preflight": 45, "tests": 50, "data": 40, "loaders": 95, "train": 190, "epoch": 75,
                       "graphs": 60})
 QUICK = Sizes(classes=4, per_class=12, val_per_class=4, image_sides=(48, 96), resolutions=(32,),
