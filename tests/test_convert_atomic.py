@@ -55,7 +55,7 @@ def test_killed_converter_leaves_no_final_file_and_a_rerun_completes(many_files,
     process.wait()
     # generous: on a busy machine a writer may finish a long GIL-holding call before its exit thread runs
     _, alive = psutil.wait_procs(family, timeout=120)
-    assert not alive, f"processes outlived the killed converter: {alive}"
+    assert not alive, f"processes outlived the killed converter: {[(p.pid, p.cmdline()) for p in alive]}"
     assert not [path.name for path in out.iterdir() if not path.name.endswith(".tmp")]
     manifest = convert_source(find_samples(many_files), out, WriteSettings(), WriteSettings(), workers=2,
                               console=quiet_console)
