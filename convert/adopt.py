@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 
 from convert.pipeline import tool_versions
-from convert.sources import ConvertError
+from convert.sources import ConvertError, class_names
 from fastpipe.data.beton import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -30,23 +30,6 @@ from fastpipe.data.beton import (
 from fastpipe.data.sample_table import write_sample_table
 
 ADOPTED_LAYOUT = "adopted"
-
-
-def read_classes(path: Path | None, count: int) -> list[str]:
-    """Class names, one per line (label order), or zero-padded numbers when no file is given."""
-    if path is None:
-        width = len(str(max(count - 1, 0)))
-        return [f"{index:0{width}d}" for index in range(count)]
-    try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as err:
-        raise ConvertError(f"Cannot read the class file {path}: {err.strerror or err}.") from err
-    if len(names) < count:
-        raise ConvertError(f"{path} names {len(names)} classes but the betons use labels up to {count - 1}: "
-                           f"give one name per line for every label, in label order.")
-    if len(set(names)) != len(names):
-        raise ConvertError(f"{path} names some classes twice; class names must be unique.")
-    return names
 
 
 def storage_mode(modes: np.ndarray) -> str:
@@ -103,7 +86,7 @@ def adopt(data_dir: str | Path, *, classes_file: str | Path | None = None, train
                       f"{describe_fields(read_fields(path))} (image: '{samples.field_names['image']}', "
                       f"label: '{samples.field_names['label']}'), storage {storage_mode(samples.mode)}")
     count = 1 + max(int(samples.labels.max()) for _, samples in opened.values())
-    classes = read_classes(Path(classes_file) if classes_file else None, count)
+    classes = class_names(count, classes_file)
     manifest = {"format": MANIFEST_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "source_root": None, "layout": ADOPTED_LAYOUT, "classes": classes, "splits": {},
                 "versions": tool_versions()}

@@ -18,7 +18,6 @@ from convert.members import Member, nested_members, scan_tar
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
 
 SYNSET = re.compile(r"n\d{8}")
-VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
 def train_members(path: Path, console=None) -> dict[str, list[Member]]:
@@ -29,7 +28,7 @@ def train_members(path: Path, console=None) -> dict[str, list[Member]]:
         if not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
             raise ConvertError(f"{path} holds {info.name}, not a per-synset tar such as n01440764.tar: is this "
                                f"ILSVRC2012_img_train.tar? (For an extracted folder use `python -m convert folder`.)")
-        found[stem] = [member for member in nested_members(path, info, path)
+        found[stem] = [member for member in nested_members(path, info)
                        if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS]
         if console is not None and len(found) % 100 == 0:
             console.print(f"  scanned {len(found)} synsets of {path.name}")

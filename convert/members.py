@@ -80,44 +80,20 @@ def scan_tar(path: Path, prefix: str = "") -> Iterator[tuple[Member | None, tarf
                            f"download it again (nothing was written).")
 
 
-def nested_members(path: Path, info: tarfile.TarInfo, archive_path: Path) -> list[Member]:
+def nested_members(archive_path: Path, info: tarfile.TarInfo) -> list[Member]:
     """The files of a tar stored uncompressed inside the tar at `archive_path` (ImageNet's per-synset tars),
     as Members of the outer file: their offsets are the inner member's plus the inner tar's own."""
     members = []
-    with open(archive_path, "rb") as handle:
-        handle.seek(info.offset_data)
-        try:
-            with tarfile.open(fileobj=_Window(handle, info.offset_data, info.size), mode="r:") as inner:
-                for entry in inner:
-                    if entry.isfile() and entry.sparse is None:
-                        members.append(Member(str(archive_path), info.offset_data + entry.offset_data, entry.size,
-                                              f"{Path(info.name).stem}/{entry.name}"))
-        except (tarfile.ReadError, EOFError, OSError) as err:
-            raise ConvertError(f"{info.name} inside {archive_path} is not a readable tar ({err}); the archive is "
-                               f"damaged: download it again (nothing was written).") from err
+    try:
+        with open_tar(archive_path) as outer, tarfile.open(fileobj=outer.extractfile(info), mode="r:") as inner:
+            for entry in inner:
+                if entry.isfile() and entry.sparse is None:
+                    members.append(Member(str(archive_path), info.offset_data + entry.offset_data, entry.size,
+                                          f"{Path(info.name).stem}/{entry.name}"))
+    except (tarfile.ReadError, EOFError, OSError) as err:
+        raise ConvertError(f"{info.name} inside {archive_path} is not a readable tar ({err}); the archive is "
+                           f"damaged: download it again (nothing was written).") from err
     return members
-
-
-class _Window:
-    """A read-only file view of `size` bytes at `start` of `handle`, for tarfile to scan a nested tar."""
-
-    def __init__(self, handle, start: int, size: int):
-        self.handle, self.start, self.size, self.position = handle, start, size, 0
-
-    def read(self, count: int = -1) -> bytes:
-        count = self.size - self.position if count < 0 else min(count, self.size - self.position)
-        self.handle.seek(self.start + self.position)
-        data = self.handle.read(count)
-        self.position += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.position, 2: self.size}[whence]
-        self.position = max(0, min(self.size, base + offset))
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
 
 
 def expand_pattern(pattern: str, what: str) -> list[Path]:

@@ -93,8 +93,6 @@ def parquet_rows(paths: list[Path], image_column: str, label_column: str):
 def parquet_source(train: str, val: str | None = None, image_column: str = "image", label_column: str = "label",
                    classes: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Source:
     """A Source over parquet shards; without `val`, each class's rows are split as `convert folder` does."""
-    from convert.webdataset import read_classes
-
     train_paths = expand_pattern(train, "--train")
     splits, skipped, found = {}, {}, None
     splits["train"], skipped["train"], found = parquet_rows(train_paths, image_column, label_column)
@@ -102,9 +100,7 @@ def parquet_source(train: str, val: str | None = None, image_column: str = "imag
         splits["val"], skipped["val"], _ = parquet_rows(expand_pattern(val, "--val"), image_column, label_column)
     if not splits["train"]:
         raise ConvertError(f"No usable rows in {train} ({len(skipped['train'])} without a label).")
-    names = class_names((label for items in splits.values() for _, label in items),
-                        read_classes(Path(classes).expanduser()) if classes else found,
-                        classes or "the ClassLabel names in the parquet metadata")
+    names = class_names(1 + max(label for items in splits.values() for _, label in items), classes, found)
     if val is None:
         splits = split_by_label(splits["train"], val_fraction, seed)
     return Source(root=train_paths[0].parent, layout="parquet", classes=names, splits=splits,

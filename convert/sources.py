@@ -124,14 +124,25 @@ def split_by_label(items: list, val_fraction: float, seed: int) -> dict[str, lis
     return splits
 
 
-def class_names(labels, names: list[str] | None, origin: str) -> list[str]:
-    """`names` (from a classes file or the data's metadata), checked to cover every label; else the numbers."""
-    top = max(labels)
-    names = names or [str(label) for label in range(top + 1)]
-    if top >= len(names):
-        raise ConvertError(f"Label {top} is beyond the {len(names)} class names of {origin}: are they the "
-                           f"names of this data?")
-    return names
+def class_names(count: int, path: str | os.PathLike | None = None, found: list[str] | None = None) -> list[str]:
+    """Names of labels 0..count-1: one per line of the file at `path` (label order), else `found` (names the
+    data carries itself, e.g. parquet's ClassLabel metadata), else zero-padded numbers. Every label must
+    have a name, and names must be unique."""
+    if path is None and not found:
+        width = len(str(max(count - 1, 0)))
+        return [f"{index:0{width}d}" for index in range(count)]
+    origin = path if path is not None else "the names stored with the data"
+    if path is not None:
+        try:
+            found = [line.strip() for line in Path(path).expanduser().read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise ConvertError(f"Cannot read the class file {path}: {err.strerror or err}.") from err
+    if len(found) < count:
+        raise ConvertError(f"{origin} names {len(found)} classes but the data uses labels up to {count - 1}: "
+                           f"give one name per line for every label, in label order.")
+    if len(set(found)) != len(found):
+        raise ConvertError(f"{origin} names some classes twice; class names must be unique.")
+    return list(found)
 
 
 def find_samples(root: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> Source:

@@ -69,15 +69,6 @@ def shard_samples(paths: list[Path], label_key: str) -> tuple[list[tuple[Member,
     return samples, skipped
 
 
-def read_classes(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConvertError(f"Classes file {path} does not exist.")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names or len(set(names)) != len(names):
-        raise ConvertError(f"{path} must list one distinct class name per line, in label order.")
-    return names
-
-
 def webdataset_source(train: str, val: str | None = None, label_key: str = "cls", classes: Path | None = None,
                       val_fraction: float = 0.1, seed: int = 0) -> Source:
     """A Source over WebDataset shards. Without `val`, each class's samples are split as `convert folder`
@@ -90,8 +81,7 @@ def webdataset_source(train: str, val: str | None = None, label_key: str = "cls"
     if not splits["train"]:
         reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped["train"][:3])
         raise ConvertError(f"No usable samples in {train} ({len(skipped['train'])} left out, e.g. {reasons}).")
-    names = class_names((label for items in splits.values() for _, label in items),
-                        read_classes(Path(classes).expanduser()) if classes else None, classes or "the labels")
+    names = class_names(1 + max(label for items in splits.values() for _, label in items), classes)
     if val is None:
         splits = split_by_label(splits["train"], val_fraction, seed)
     return Source(root=train_paths[0].parent, layout="webdataset", classes=names, splits=splits,
