@@ -7,6 +7,7 @@ JPEG / half raw pixels, val raw).
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -324,3 +325,21 @@ def test_ffcv_loaders_skip_the_per_sample_dicts_they_do_not_read(betons):
     next(iter(loader))
     assert "sample_to_pages" not in vars(manager)
     assert sum(len(pages) for pages in manager.sample_to_pages.values()) >= loader.num_samples   # still there on demand
+
+
+def test_an_abandoned_dali_feed_stops_even_when_its_queue_is_full(mixed_dir):
+    """The feeding thread may be handing over the epoch's end while nobody reads any more: stop() must not
+    wait for a reader forever."""
+    from fastpipe.data.dali_backend import BetonSource, FeedColumns
+
+    samples = BetonSamples(mixed_dir / "val.beton")
+    source = BetonSource(FeedColumns(samples), batch_size=len(samples) // 2, train=False, ahead=1)
+    source.order = np.arange(2 * (len(samples) // 2))   # two batches, a queue of one
+    batches = iter(source)
+    next(batches)   # the second batch fills the queue; the end waits behind it
+    time.sleep(0.5)   # time for the thread to get there (were it slower, the check below would only be weaker)
+    batches.close()   # abandoned
+    stopper = threading.Thread(target=source.stop)
+    stopper.start()
+    stopper.join(timeout=30)
+    assert not stopper.is_alive() and source.thread is None

@@ -97,25 +97,29 @@ class BetonSource:
         return encoded, TensorListCPU(meta), TensorListCPU(windows)
 
     def fill(self, order: np.ndarray, epoch: int, ready: queue.Queue, stopping: threading.Event) -> None:
+        """The feeding thread: batches, then the end (or an error), each handed over unless the epoch is
+        abandoned meanwhile, so `stop()` never waits on a full queue nobody reads."""
+        def hand_over(item) -> bool:
+            while not stopping.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             while True:
                 for start in range(0, len(order), self.batch_size):
-                    item = self.batch(order[start:start + self.batch_size], epoch)
-                    while not stopping.is_set():
-                        try:
-                            ready.put(item, timeout=0.05)
-                            break
-                        except queue.Full:
-                            continue
-                    if stopping.is_set():
+                    if not hand_over(self.batch(order[start:start + self.batch_size], epoch)):
                         return
                 if self.upcoming is None:
-                    ready.put(_END)
+                    hand_over(_END)
                     return
                 epoch += 1
                 order = self.upcoming(epoch)
         except Exception as err:  # noqa: BLE001 - handed to the main thread, which raises it
-            ready.put(err)
+            hand_over(err)
 
     def __iter__(self):
         self.stop()
