@@ -23,7 +23,7 @@ from fastpipe.trained import load_trained, to_batch, val_crop
 
 def find_images(arguments: list[str]) -> list[Path]:
     """Each argument a file, a folder (its images, recursively, sorted) or a glob; every path once."""
-    found: list[Path] = []
+    found: dict[Path, None] = {}   # ordered, each path once
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
@@ -36,8 +36,8 @@ def find_images(arguments: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{argument}: no such file or folder.")
         if not matches:
             raise FileNotFoundError(f"{argument}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        found += [match for match in matches if match not in found]
-    return found
+        found.update(dict.fromkeys(matches))
+    return list(found)
 
 
 def predict(run_dir: Path, images: list[str], *, checkpoint: str = "best", top_k: int = 5, batch_size: int = 64,

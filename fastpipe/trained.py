@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fastpipe.config import Config, ConfigError, load_config
-from fastpipe.data.base import VAL_CROP_RATIO
+from fastpipe.data.base import center_crop_windows
 from fastpipe.data.device import Normalizer
 from fastpipe.model import stem_of
 from fastpipe.train.assemble import build_model
@@ -54,11 +54,9 @@ def load_trained(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
 
 
 def val_crop(pixels: np.ndarray, resolution: int) -> np.ndarray:
-    """The val preprocessing of the loaders, on one HxWx3 uint8 image: FFCV's centre square of 0.875 x the
-    shorter side (its integer rounding), resized to `resolution` with area interpolation."""
-    height, width = pixels.shape[:2]
-    side = int(VAL_CROP_RATIO * min(width, height))
-    top, left = (height - side) // 2, (width - side) // 2
+    """The val preprocessing of the loaders, on one HxWx3 uint8 image: their centre crop window
+    (`center_crop_windows`), resized to `resolution` with area interpolation."""
+    left, top, side, _ = center_crop_windows(np.array([pixels.shape[1]]), np.array([pixels.shape[0]]))[0].astype(int)
     return cv2.resize(pixels[top:top + side, left:left + side], (resolution, resolution), interpolation=cv2.INTER_AREA)
 
 

@@ -19,6 +19,13 @@ from fastpipe.data.device import Normalizer, check_batch_size, check_dtype, chec
 VAL_CROP_RATIO = 224 / 256   # val: resize to res / 0.875, then centre-crop res
 
 
+def center_crop_windows(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """FFCV's val crop in pixels, one (x, y, width, height) row per sample: a centred square of 0.875 x the
+    shorter side, with FFCV's integer rounding (a half-pixel shift shows on fine textures)."""
+    side = (VAL_CROP_RATIO * np.minimum(width, height)).astype(np.int64)
+    return np.stack([(width - side) // 2, (height - side) // 2, side, side], axis=1).astype(np.float32)
+
+
 def rank_and_world(distributed: bool) -> tuple[int, int]:
     if not distributed:
         return 0, 1

@@ -1,5 +1,6 @@
-"""Crop windows as data, for loaders that take them as inputs (DALI): the val centre crop, and the train
-random-resized crop and flip drawn from (seed, epoch, sample index) exactly as the FFCV decoders draw them,
+"""Crop windows as data, for loaders that take them as inputs (DALI; the val centre crop is
+`base.center_crop_windows`): the train random-resized crop and flip drawn from (seed, epoch, sample index)
+exactly as the FFCV decoders draw them,
 so both backends crop a sample alike in a given epoch and a resumed run draws the same windows.
 """
 from __future__ import annotations
@@ -9,17 +10,9 @@ import numpy as np
 from ffcv.fields.rgb_image import get_random_crop
 from ffcv.pipeline.compiler import Compiler
 
-from fastpipe.data.base import VAL_CROP_RATIO
 from fastpipe.data.seeding import sample_seed
 
 _random_crop = Compiler.compile(get_random_crop)   # FFCV's rule, compiled with FFCV's options: the same draws
-
-
-def center_crop_windows(width: np.ndarray, height: np.ndarray) -> np.ndarray:
-    """FFCV's val crop in pixels, one (x, y, width, height) row per sample: a centred square of 0.875 x the
-    shorter side, with FFCV's integer rounding (a half-pixel shift shows on fine textures)."""
-    side = (VAL_CROP_RATIO * np.minimum(width, height)).astype(np.int64)
-    return np.stack([(width - side) // 2, (height - side) // 2, side, side], axis=1).astype(np.float32)
 
 
 @numba.njit(cache=True, nogil=True)   # nogil: DALI's feeding thread draws while the trainer runs

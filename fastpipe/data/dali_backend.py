@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastpipe.data.base import LoaderBase
+from fastpipe.data.base import LoaderBase, center_crop_windows
 from fastpipe.data.beton import MODE_RAW, BetonSamples, check_beton
-from fastpipe.data.crops import center_crop_windows, random_crop_windows
+from fastpipe.data.crops import random_crop_windows
 
 # A process forked while DALI pipelines exist (a torch DataLoader's workers, say) inherits them without
 # their threads; if it then frees one, DALI's __del__ waits for those threads forever. Children keep
