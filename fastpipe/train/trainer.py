@@ -123,11 +123,8 @@ class Trainer:
                             self.note(plan, "epoch_start", time.perf_counter() - epoch_began)
                         if batch is not None:
                             self.interval.lrs.append(self.current_lr())
-                            graphs, step_started = self.graphs_compiled(), time.perf_counter()
-                            self.train_step(*batch)
-                            if self.graphs_compiled() != graphs:   # a new shape: this step was mostly compiling
-                                compile_s += time.perf_counter() - step_started
-                                compiled_steps += 1
+                            compiling = self.step(batch)
+                            compile_s, compiled_steps = compile_s + compiling, compiled_steps + (compiling > 0)
                             wait.step_done()
                             progress.advance()
                         at_log = batch is not None and (self.global_step % config.train.log_every == 0
@@ -142,11 +139,7 @@ class Trainer:
                             self.save("last.pt", epoch=plan.epoch, completed=False, batches_done=done)
                             return self.interrupted(plan)
                 if compiled_steps:
-                    self.note(plan, "compile", compile_s)
-                    cache = compile_cache_counts()
-                    self.report.log(f"compile: {compiled_steps} step(s) of epoch {plan.epoch + 1} compiled graphs, "
-                                    f"{compile_s:.1f} s, left out of its img/s (graph cache so far: "
-                                    f"{cache['hits']} hit(s), {cache['misses']} miss(es))")
+                    self.log_compile(plan, compiled_steps, compile_s)
                 metrics = self.epoch_metrics(plan, skip, totals, time.perf_counter() - started, wait,
                                              compile_s=compile_s, compiled_steps=compiled_steps)
                 final = plan.epoch == config.schedule.epochs - 1
@@ -183,6 +176,20 @@ class Trainer:
 
     def graphs_compiled(self) -> int:
         return 0 if self.compile_counter is None else self.compile_counter.graphs
+
+    def step(self, batch) -> float:
+        """One training step; returns its seconds when it compiled a graph (a new shape: the step was mostly
+        compiling, and is timed apart from img/s), else 0."""
+        graphs, started = self.graphs_compiled(), time.perf_counter()
+        self.train_step(*batch)
+        return time.perf_counter() - started if self.graphs_compiled() != graphs else 0.0
+
+    def log_compile(self, plan, steps: int, seconds: float) -> None:
+        self.note(plan, "compile", seconds)
+        cache = compile_cache_counts()
+        self.report.log(f"compile: {steps} step(s) of epoch {plan.epoch + 1} compiled graphs, {seconds:.1f} s, "
+                        f"left out of its img/s (graph cache so far: {cache['hits']} hit(s), "
+                        f"{cache['misses']} miss(es))")
 
     def log_header(self) -> None:
         config, log = self.config, self.report.log
