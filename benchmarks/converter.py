@@ -119,11 +119,14 @@ def pack_archives(source, folder: Path, shard_size: int = 500) -> dict:
                     for index, (path, label) in enumerate(items[first:first + shard_size], start=first):
                         add(shard, f"{split}{index:07d}.jpg", Path(path).read_bytes())
                         add(shard, f"{split}{index:07d}.cls", str(label).encode())
+        by_label: dict[int, list] = {}
+        for path, label in source.splits["train"]:
+            by_label.setdefault(label, []).append(path)
         with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as outer:
             for label, name in enumerate(synset):
                 inner = io.BytesIO()
                 with tarfile.open(fileobj=inner, mode="w") as per_synset:
-                    for path, _ in (item for item in source.splits["train"] if item[1] == label):
+                    for path in by_label.get(label, []):
                         add(per_synset, f"{name}_{Path(path).stem}.JPEG", Path(path).read_bytes())
                 add(outer, f"{name}.tar", inner.getvalue())
         with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as val, \

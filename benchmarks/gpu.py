@@ -235,7 +235,8 @@ def epoch_overheads(ctx: dict, deadline: Deadline) -> dict:
     from fastpipe.train import Trainer
 
     sizes = ctx["sizes"]
-    arch, batch = ("resnet18", sizes.train_batch["resnet18"]) if ctx["quick"] else ("resnet50", sizes.train_batch["resnet50"])
+    arch = "resnet18" if ctx["quick"] else "resnet50"
+    batch = sizes.train_batch[arch]
     run_dir = ctx["out"] / "epoch-run"
     overrides = {"data": {"path": str(ctx["data"]["jpg"]), "batch_size": batch, "workers": "auto"},
                  "model": {"arch": arch},   # the default compile cache: the train phase's graphs are in it
