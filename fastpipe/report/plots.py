@@ -1,7 +1,8 @@
 """The run's plots: the dashboard (six panels) and one PNG per panel, drawn by `draw_plots`, and
 `BackgroundPlots`, which redraws the dashboard in a separate process while training goes on.
 
-This module imports only pandas and matplotlib, so the drawing process starts in about a second.
+This module imports only pandas, matplotlib and fastpipe.data.beton (numpy), so the drawing process starts
+in about a second.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
 from matplotlib.ticker import MaxNLocator
+
+from fastpipe.data.beton import atomic_write
 
 PLOTS = ("loss", "accuracy", "lr", "momentum", "throughput", "resolution")
 
@@ -40,9 +43,8 @@ def draw_plots(run_dir: Path, history: pd.DataFrame, steps: pd.DataFrame, *, pan
 
 def _save(fig: Figure, path: Path) -> None:
     """Written beside and renamed into place: a viewer reloading the file never sees half a PNG."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fig.savefig(temporary, format="png")
-    temporary.replace(path)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png")
 
 
 def _ignore_interrupts() -> None:
