@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from fastpipe.config import ConfigError
+from fastpipe.data.base import VAL_CROP_RATIO
 from fastpipe.data.beton import write_json_atomic
+from fastpipe.data.device import IMAGENET_MEAN, IMAGENET_STD
 from fastpipe.train.checkpoint import CheckpointError
 from fastpipe.trained import load_trained
 
@@ -74,8 +76,8 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, checkpoint: str = "
         temporary.unlink(missing_ok=True)
     record = {"file": str(out), "format": fmt, "checkpoint": str(trained.checkpoint), "classes": trained.classes,
               "input": {"shape": ["batch", 3, resolution, resolution], "dtype": "float32",
-                        "normalisation": "(pixels / 255 - mean) / std, ImageNet mean (0.485, 0.456, 0.406), "
-                                         "std (0.229, 0.224, 0.225); val crop: centre 0.875 of the shorter side"},
+                        "normalisation": f"(pixels / 255 - mean) / std, ImageNet mean {IMAGENET_MEAN}, std "
+                                         f"{IMAGENET_STD}; val crop: centre {VAL_CROP_RATIO} of the shorter side"},
               "check": {"batch": CHECK_BATCH, "max_abs_difference": difference, "tolerance": TOLERANCE}}
     write_json_atomic(out.with_name(out.name + ".json"), record)
     return record
