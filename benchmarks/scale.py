@@ -5,8 +5,11 @@ DatasetWriter and adopted (`convert adopt`), then for ffcv and dali a fresh proc
 loader and takes one batch. Printed: the manifest's and the per-sample table's size, the time to the first
 batch, the process's peak RSS and, at the first batch, its private (anonymous) and file-backed resident
 memory, and between sizes the growth in bytes per added sample. File-backed pages are the memory-mapped
-beton's, shared with every process reading it and given back under pressure; the kernel's read-ahead around
-each randomly placed sample maps more of a bigger file, so they grow with the file, not with bookkeeping.
+beton's, shared with every process reading it and given back under pressure: the kernel maps the pages
+around each sample read (fault-around, 64 KB by default), so with tiny samples the batches in flight map a
+share of the file that grows with it up to their own bound (batches x samples x 64 KB), not with bookkeeping.
+`beton pages MB` gives that share once the loader's batches ahead are read (2 s after the first batch); they
+only accumulate, so the peak RSS less them is what the process itself holds at its peak.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from benchmarks.report import print_table, write_report
 
 COLUMNS = {"samples": "samples", "backend": "backend", "manifest_kb": "manifest KB", "table_mb": "table MB",
            "first_batch_s": "first batch s", "peak_rss_mb": "peak RSS MB", "anon_mb": "private MB",
-           "file_mb": "file-backed MB", "bytes_per_added_sample": "RSS B/added sample",
-           "anon_bytes_per_added_sample": "private B/added sample"}
+           "file_mb": "file-backed MB", "beton_mb": "beton pages MB", "bytes_per_added_sample": "RSS B/added sample",
+           "anon_bytes_per_added_sample": "private B/added sample",
+           "other_mb": "peak RSS less beton pages MB", "other_bytes_per_added_sample": "peak RSS less beton pages B/added sample"}
 SIDE, CLASSES, VAL = 12, 1000, 1000
 
 PROBE = """
@@ -35,10 +39,19 @@ loader = build_loader(sys.argv[1], sys.argv[2], "train", batch_size=512, resolut
 batches = iter(loader)
 next(batches)
 first = time.perf_counter() - started
+time.sleep(2)   # the loader fills its batches ahead: their reads map beton pages too
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 kib = lambda key: int(status.get(key, "0 kB").split()[0])
+beton_kib, mapping = 0, ""
+for line in open("/proc/self/smaps"):   # the resident pages of the memory-mapped betons
+    parts = line.split()
+    if parts and not parts[0].endswith(":"):
+        mapping = parts[-1] if len(parts) > 5 else ""
+    elif parts[:1] == ["Rss:"] and mapping.endswith(".beton"):
+        beton_kib += int(parts[1])
 print(json.dumps({"first_batch_s": first, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "anon_mb": kib("RssAnon") / 1024, "file_mb": kib("RssFile") / 1024}))
+                  "anon_mb": kib("RssAnon") / 1024, "file_mb": kib("RssFile") / 1024, "beton_mb": beton_kib / 1024}),
+      flush=True)
 batches.close()
 """
 
@@ -111,11 +124,13 @@ def run(args) -> int:
             rows.append({"samples": samples, "backend": backend, "manifest_kb": round(manifest_kb, 1),
                          "table_mb": round(table_mb, 1), "first_batch_s": round(found["first_batch_s"], 2),
                          "peak_rss_mb": round(found["peak_rss_mb"], 1), "anon_mb": round(found["anon_mb"], 1),
-                         "file_mb": round(found["file_mb"], 1)})
+                         "file_mb": round(found["file_mb"], 1), "beton_mb": round(found["beton_mb"], 1),
+                         "other_mb": round(found["peak_rss_mb"] - found["beton_mb"], 1)})
     for row in rows:   # growth against the smallest size, per added sample
         base = next(other for other in rows if other["backend"] == row["backend"])
         if row["samples"] > base["samples"]:
-            for key, name in (("peak_rss_mb", "bytes_per_added_sample"), ("anon_mb", "anon_bytes_per_added_sample")):
+            for key, name in (("peak_rss_mb", "bytes_per_added_sample"), ("anon_mb", "anon_bytes_per_added_sample"),
+                              ("other_mb", "other_bytes_per_added_sample")):
                 row[name] = round((row[key] - base[key]) * 2**20 / (row["samples"] - base["samples"]), 1)
     machine = machine_info()
     title = f"Loader cost of the data set's size ({describe(machine)})"

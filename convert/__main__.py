@@ -111,8 +111,9 @@ def cmd_imagenet(args) -> None:
 def cmd_webdataset(args) -> None:
     from convert.webdataset import webdataset_source
 
+    console = Console(stderr=True, soft_wrap=True)
     convert(args, lambda: webdataset_source(args.train, args.val, label_key=args.label_key, classes=args.classes,
-                                            val_fraction=args.val_fraction, seed=args.seed))
+                                            val_fraction=args.val_fraction, seed=args.seed, console=console))
 
 
 def cmd_parquet(args) -> None:

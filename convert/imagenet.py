@@ -14,24 +14,22 @@ import re
 import tarfile
 from pathlib import Path
 
-from convert.members import Member, nested_members, scan_tar
+from convert.members import Member, ScanProgress, nested_members, scan_progress, scan_tar
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
 
 SYNSET = re.compile(r"n\d{8}")
 
 
-def train_members(path: Path, console=None) -> dict[str, list[Member]]:
+def train_members(path: Path, progress: ScanProgress | None = None) -> dict[str, list[Member]]:
     """{synset: its images} from the train archive (one uncompressed tar per synset inside)."""
     found: dict[str, list[Member]] = {}
-    for _, info in scan_tar(path):
+    for _, info in scan_tar(path, progress=progress):
         stem = Path(info.name).stem
         if not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
             raise ConvertError(f"{path} holds {info.name}, not a per-synset tar such as n01440764.tar: is this "
                                f"ILSVRC2012_img_train.tar? (For an extracted folder use `python -m convert folder`.)")
         found[stem] = [member for member in nested_members(path, info)
                        if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS]
-        if console is not None and len(found) % 100 == 0:
-            console.print(f"  scanned {len(found)} synsets of {path.name}")
     if not found:
         raise ConvertError(f"{path} holds no per-synset tars: is this ILSVRC2012_img_train.tar?")
     empty = [synset for synset, members in found.items() if not members]
@@ -40,8 +38,8 @@ def train_members(path: Path, console=None) -> dict[str, list[Member]]:
     return found
 
 
-def val_members(path: Path) -> list[Member]:
-    members = [member for member, info in scan_tar(path) if member is not None
+def val_members(path: Path, progress: ScanProgress | None = None) -> list[Member]:
+    members = [member for member, info in scan_tar(path, progress=progress) if member is not None
                and Path(info.name).suffix.lower() in IMAGE_EXTENSIONS]
     if not members:
         raise ConvertError(f"{path} holds no images: is this ILSVRC2012_img_val.tar?")
@@ -102,7 +100,9 @@ def imagenet_source(train: Path, val: Path, val_labels: Path | None = None, devk
         raise ConvertError("Val labels: pass exactly one of --val-labels LOC_val_solution.csv and "
                            "--devkit ILSVRC2012_devkit_t12.tar.gz.")
     train, val = Path(train).expanduser().resolve(), Path(val).expanduser().resolve()
-    by_synset = train_members(train, console)
+    with scan_progress(console, [train, val], "archives") as progress:
+        by_synset = train_members(train, progress)
+        val_found = val_members(val, progress)
     synsets = sorted(by_synset)
     index = {synset: label for label, synset in enumerate(synsets)}
     words = {}
@@ -111,7 +111,7 @@ def imagenet_source(train: Path, val: Path, val_labels: Path | None = None, devk
     else:
         truth = labels_from_csv(Path(val_labels).expanduser().resolve())
     val_items = []
-    for member in val_members(val):
+    for member in val_found:
         image_id = Path(member.name).stem
         synset = truth.get(image_id)
         if synset is None:

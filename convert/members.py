@@ -11,6 +11,7 @@ import glob
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,47 @@ def open_tar(path: Path) -> tarfile.TarFile:
         raise ConvertError(f"{path} is not a readable tar archive ({err}).") from err
 
 
-def scan_tar(path: Path, prefix: str = "") -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
+class ScanProgress:
+    """A progress bar over the bytes of the archives being scanned (MB/s and ETA): a scan of ImageNet's
+    140 GB train tar reads 1.28M headers spread over the whole file, minutes on a network filesystem."""
+
+    def __init__(self, progress, paths: list[Path], what: str):
+        self.progress, self.seen = progress, {}
+        total = sum(path.stat().st_size for path in paths if path.is_file())
+        self.task = progress.add_task(f"scan {what}", total=total) if progress is not None else None
+
+    def at(self, path: Path, position: int) -> None:
+        if self.task is not None:
+            delta, self.seen[path] = position - self.seen.get(path, 0), position
+            self.progress.advance(self.task, delta)
+
+
+@contextmanager
+def scan_progress(console, paths: list[Path], what: str) -> Iterator[ScanProgress]:
+    """A ScanProgress shown on `console` (none when it is None) while the block runs."""
+    if console is None:
+        yield ScanProgress(None, paths, what)
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description:<15}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+        yield ScanProgress(progress, paths, what)
+
+
+def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
+             ) -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
     """(Member, its TarInfo) for every regular file of the tar at `path`, in archive order (Member None when
     the data is not stored in one piece). A truncated or corrupt archive raises ConvertError naming it and
     the last member read: tarfile takes a file cut inside a member's data for the end of the archive, so the
-    last member's end is checked against the file's size too."""
+    last member's end is checked against the file's size too. `progress` hears each member's end."""
     last, end, size = "(none)", 0, path.stat().st_size if path.is_file() else 0
     with open_tar(path) as archive:
         try:
@@ -70,6 +107,8 @@ def scan_tar(path: Path, prefix: str = "") -> Iterator[tuple[Member | None, tarf
                 last, end = info.name, info.offset_data + info.size
                 if end > size:
                     break
+                if progress is not None:
+                    progress.at(path, end)
                 whole = info.sparse is None
                 yield (Member(str(path), info.offset_data, info.size, prefix + info.name) if whole else None), info
         except (tarfile.ReadError, EOFError, OSError) as err:

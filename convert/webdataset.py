@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.members import Member, expand_pattern, scan_tar
+from convert.members import Member, ScanProgress, expand_pattern, scan_progress, scan_tar
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source, class_names, split_by_label
 
 NO_IMAGE = "no image member (expected one of: {})".format(", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
@@ -41,43 +41,50 @@ def parse_label(data: bytes, label_key: str, where: str) -> int:
     return label
 
 
-def shard_samples(paths: list[Path], label_key: str) -> tuple[list[tuple[Member, int]], list[dict]]:
+def shard_samples(paths: list[Path], label_key: str, console=None, what: str = "shards",
+                  ) -> tuple[list[tuple[Member, int]], list[dict]]:
     """(image member, label) per sample, in shard order, and the samples left out with their reason."""
-    label_ext = label_key.split(".")[0] if label_key.startswith("json.") else label_key
     samples, skipped = [], []
-    for path in paths:
-        groups: dict[str, dict[str, Member]] = {}
-        for member, info in scan_tar(path, prefix=f"{path.name}/"):
-            key, extension = split_key(info.name)
-            if member is None:
-                skipped.append({"path": f"{path.name}/{info.name}", "reason": "stored sparse: cannot be read in place"})
-                continue
-            groups.setdefault(key, {})[extension] = member
-        for key, members in groups.items():
-            where = f"{path.name}/{key}"
-            image = next((members[ext] for ext in members if f".{ext}" in IMAGE_EXTENSIONS), None)
-            if image is None:
-                skipped.append({"path": where, "reason": NO_IMAGE})
-                continue
-            if label_ext not in members:
-                skipped.append({"path": where, "reason": f"no label: no {label_ext} member (--label-key {label_key})"})
-                continue
-            try:
-                samples.append((image, parse_label(members[label_ext].read_bytes(), label_key, where)))
-            except (ValueError, OSError) as err:
-                skipped.append({"path": where, "reason": str(err)})
+    with scan_progress(console, paths, what) as progress:
+        for path in paths:
+            shard_members(path, label_key, samples, skipped, progress)
     return samples, skipped
 
 
+def shard_members(path: Path, label_key: str, samples: list, skipped: list, progress: ScanProgress) -> None:
+    """Appends one shard's (image member, label) pairs to `samples` and what it leaves out to `skipped`."""
+    label_ext = label_key.split(".")[0] if label_key.startswith("json.") else label_key
+    groups: dict[str, dict[str, Member]] = {}
+    for member, info in scan_tar(path, prefix=f"{path.name}/", progress=progress):
+        key, extension = split_key(info.name)
+        if member is None:
+            skipped.append({"path": f"{path.name}/{info.name}", "reason": "stored sparse: cannot be read in place"})
+            continue
+        groups.setdefault(key, {})[extension] = member
+    for key, members in groups.items():
+        where = f"{path.name}/{key}"
+        image = next((members[ext] for ext in members if f".{ext}" in IMAGE_EXTENSIONS), None)
+        if image is None:
+            skipped.append({"path": where, "reason": NO_IMAGE})
+            continue
+        if label_ext not in members:
+            skipped.append({"path": where, "reason": f"no label: no {label_ext} member (--label-key {label_key})"})
+            continue
+        try:
+            samples.append((image, parse_label(members[label_ext].read_bytes(), label_key, where)))
+        except (ValueError, OSError) as err:
+            skipped.append({"path": where, "reason": str(err)})
+
+
 def webdataset_source(train: str, val: str | None = None, label_key: str = "cls", classes: Path | None = None,
-                      val_fraction: float = 0.1, seed: int = 0) -> Source:
+                      val_fraction: float = 0.1, seed: int = 0, console=None) -> Source:
     """A Source over WebDataset shards. Without `val`, each class's samples are split as `convert folder`
     splits class folders. Class names from `classes` (one per line, in label order), else the labels' numbers."""
     train_paths = expand_pattern(train, "--train")
     splits, skipped = {}, {}
-    splits["train"], skipped["train"] = shard_samples(train_paths, label_key)
+    splits["train"], skipped["train"] = shard_samples(train_paths, label_key, console, "train shards")
     if val is not None:
-        splits["val"], skipped["val"] = shard_samples(expand_pattern(val, "--val"), label_key)
+        splits["val"], skipped["val"] = shard_samples(expand_pattern(val, "--val"), label_key, console, "val shards")
     if not splits["train"]:
         reasons = "; ".join(f"{item['path']}: {item['reason']}" for item in skipped["train"][:3])
         raise ConvertError(f"No usable samples in {train} ({len(skipped['train'])} left out, e.g. {reasons}).")

@@ -34,8 +34,9 @@ from fastpipe.trained import load_trained
 @dataclass
 class EvalResult:
     """Accuracies are fractions in [0, 1]; `top5` is top-`topk` when there are fewer than 5 classes.
-    targets/preds/confidences are per sample, in loader order; `sample_ids` are the samples' paths when
-    the loader is one of ours reading its split unshuffled and whole (else None: rows are indices)."""
+    targets/preds/confidences are per sample, in loader order; `sample_ids` names the samples' paths (the
+    split's SampleTable) when the loader is one of ours reading its split unshuffled and whole (else None:
+    rows are indices)."""
     loss: float
     top1: float
     top5: float
@@ -46,7 +47,7 @@ class EvalResult:
     topk: int
     num_classes: int
     classes: list[str] | None = None
-    sample_ids: list[str] | None = None
+    sample_ids: list[str] | SampleTable | None = None
     shards: list[int] | None = None   # samples each rank evaluated (one entry: one process)
 
     def metrics(self) -> dict[str, float]:
@@ -113,16 +114,17 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *,
                       sample_ids=sample_ids, shards=shards)
 
 
-def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray, data_dir="") -> list[str] | None:
-    """Sample paths for predictions.csv, or None when the loader's order is not the manifest's
-    (checked by comparing labels, so a shuffled or sharded loader falls back to indices)."""
+def manifest_sample_ids(manifest: dict, split: str, targets: np.ndarray, data_dir="") -> SampleTable | None:
+    """The split's sample table, whose names are predictions.csv's paths (streamed when it is written), or
+    None when the loader's order is not the manifest's (checked by comparing labels, so a shuffled or
+    sharded loader falls back to indices)."""
     try:
         table = SampleTable(data_dir, manifest, split)
     except (BetonError, KeyError):
         return None
     if len(table) != len(targets) or not np.array_equal(table.labels, targets):
         return None
-    return table.names()
+    return table
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best", overrides: list[str] = (),

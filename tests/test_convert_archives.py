@@ -304,3 +304,35 @@ def test_the_torch_baseline_says_archive_betons_have_no_image_files(tmp_path):
     loader = build_loader("ffcv", tmp_path / "out", "val", batch_size=2, resolution=32, workers=1, shuffle=False,
                           drop_last=False)
     assert sum(len(labels) for _, labels in loader) == read_manifest(tmp_path / "out")["splits"]["val"]["written"]
+
+
+def test_the_scan_reports_its_progress_in_bytes_of_the_archives(tmp_path):
+    """A long header scan shows MB/s and ETA: the bar moves to the end of the last member of every shard."""
+    from rich.console import Console
+
+    from convert.members import ScanProgress, scan_progress, scan_tar
+
+    write_shards(tmp_path, count=2)
+    paths = sorted(tmp_path.glob("*.tar"))
+
+    class Recorder:
+        def __init__(self):
+            self.done = 0
+
+        def add_task(self, description, total):
+            self.total = total
+            return 0
+
+        def advance(self, task, delta):
+            assert delta >= 0
+            self.done += delta
+
+    recorder = Recorder()
+    progress = ScanProgress(recorder, paths, "shards")
+    ends = [max(info.offset_data + info.size for _, info in scan_tar(path, progress=progress)) for path in paths]
+    assert recorder.total == sum(path.stat().st_size for path in paths) and recorder.done == sum(ends)
+    console = Console(file=io.StringIO(), force_terminal=False, width=120)
+    with scan_progress(console, paths, "shards") as shown:
+        for path in paths:
+            list(scan_tar(path, progress=shown))
+    assert "scan shards" in console.file.getvalue()

@@ -317,11 +317,25 @@ def test_dali_draws_ffcv_s_crop_windows(mixed_dir):
 def test_ffcv_loaders_skip_the_per_sample_dicts_they_do_not_read(betons):
     """FFCV's memory manager built sample -> pages, page -> samples and pointer -> size dicts in every process
     (~450 MB at 1.28M samples); reading from the page cache needs none of them, so they are built only if asked."""
+    from ffcv.reader import Reader
+
     from fastpipe.data.ffcv_backend import LeanOSCacheManager
 
     loader = make_loader("ffcv", betons, "train", batch_size=BATCH, resolution=RES, workers=1)
-    manager = loader.loader.memory_manager
+    manager, reader = loader.loader.memory_manager, loader.loader.reader
     assert isinstance(manager, LeanOSCacheManager) and "sample_to_pages" not in vars(manager)
+    # the allocation table is read once into the sorted pointer and size columns, then dropped
+    stock = Reader(str(betons / "train.beton"))
+    assert reader.alloc_table is None
+    order = np.argsort(stock.alloc_table["ptr"])
+    assert (manager.ptrs == stock.alloc_table["ptr"][order]).all() and (manager.sizes == stock.alloc_table["size"][order]).all()
+    # the metadata table with its epoch column is no bigger than FFCV's own, and nothing keeps FFCV's beside it
+    assert reader.metadata.itemsize <= stock.metadata.itemsize   # packed: 23 bytes against 24
+    for operation in loader.loader.graph.operation_to_node:
+        held = getattr(operation, "metadata", None)
+        if isinstance(held, np.ndarray):
+            assert np.shares_memory(held, reader.metadata)
+    assert loader.loader.graph.metadata is reader.metadata
     next(iter(loader))
     assert "sample_to_pages" not in vars(manager)
     assert sum(len(pages) for pages in manager.sample_to_pages.values()) >= loader.num_samples   # still there on demand

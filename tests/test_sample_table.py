@@ -24,6 +24,37 @@ def test_a_written_table_reads_back_with_names_labels_and_sizes(tmp_path):
     assert not (tmp_path / "train.names.bin").exists()
 
 
+def test_names_stream_in_chunks_and_predictions_are_written_in_pieces(tmp_path, monkeypatch):
+    """predictions.csv at any size: the names come from names.bin a chunk at a time and the CSV is written
+    a chunk of rows at a time, the same file as one write."""
+    import pandas as pd
+
+    from fastpipe.evaluate import EvalResult, manifest_sample_ids, write_predictions
+    from fastpipe.report import classes
+
+    names = [f"class{i % 3}/é{i}.jpg" for i in range(10)]
+    labels = np.array([i % 3 for i in range(10)])
+    manifest = {"splits": {"val": {"beton": "val.beton",
+                                   "sample_table": write_sample_table(tmp_path, "val", names, labels)}}}
+    table = SampleTable(tmp_path, manifest, "val")
+    assert [len(chunk) for chunk in table.iter_names(3)] == [3, 3, 3, 1]
+    assert [name for chunk in table.iter_names(4) for name in chunk] == names
+    assert manifest_sample_ids(manifest, "val", labels, tmp_path) is not None
+    preds = (labels + np.arange(10) % 2) % 3
+    result = EvalResult(loss=1.0, top1=0.5, top5=1.0, targets=labels, preds=preds,
+                        confidences=np.linspace(0.1, 1, 10, dtype=np.float32), count=10, topk=3, num_classes=3,
+                        classes=["a", "b", "c"], sample_ids=manifest_sample_ids(manifest, "val", labels, tmp_path))
+    whole = pd.read_csv(write_predictions(result, tmp_path / "whole.csv"))
+    monkeypatch.setattr(classes, "ROWS_PER_WRITE", 3)
+    pieces = pd.read_csv(write_predictions(result, tmp_path / "pieces.csv"))
+    assert (tmp_path / "whole.csv").read_bytes() == (tmp_path / "pieces.csv").read_bytes()
+    assert pieces["path"].tolist() == names and pieces["true"].tolist() == [["a", "b", "c"][i] for i in labels]
+    assert pieces["predicted"].tolist() == [["a", "b", "c"][i] for i in preds] and len(whole) == 10
+    (tmp_path / "val.names.bin").write_bytes("\0".join(names[:-1]).encode() + b"\0")   # a name short
+    with pytest.raises(BetonError, match="9 names for 10 samples"):
+        list(SampleTable(tmp_path, manifest, "val").iter_names(4))
+
+
 def test_an_earlier_manifest_with_the_samples_inline_loads_the_same(tmp_path):
     pairs = [["a/1.jpg", 1], ["b/2.jpg", 0]]
     inline = {"splits": {"val": {"samples": pairs}}}

@@ -206,13 +206,18 @@ class BetonSamples:
         metadata = np.fromfile(self.path, dtype=metadata_type, count=self.num_samples, offset=fields_end)
         table = np.fromfile(self.path, dtype=ALLOC_ENTRY, offset=table_at)
         self.mode = metadata["image"]["mode"].copy()
-        self.width = metadata["image"]["width"].astype(np.int64)
-        self.height = metadata["image"]["height"].astype(np.int64)
+        self.width = metadata["image"]["width"].astype(np.int32)   # FFCV stores them as uint16
+        self.height = metadata["image"]["height"].astype(np.int32)
         self.labels = metadata["label"].copy()
         self.offset = metadata["image"]["data_ptr"].astype(np.int64)
+        del metadata
         # The allocation table maps each region's start to its size; images are looked up by start.
-        by_ptr = np.argsort(table["ptr"])
-        starts, sizes = table["ptr"][by_ptr].astype(np.int64), table["size"][by_ptr].astype(np.int64)
+        starts, sizes = table["ptr"].astype(np.int64), table["size"].astype(np.int64)
+        del table
+        if np.any(starts[1:] < starts[:-1]):   # FFCV's writer usually leaves them in order: no sort then
+            by_ptr = np.argsort(starts)
+            starts, sizes = starts[by_ptr], sizes[by_ptr]
+            del by_ptr
         where = np.searchsorted(starts, self.offset)
         if self.num_samples and (where.max() >= len(starts) or (starts[where] != self.offset).any()):
             raise BetonError(f"{self.path}: an image pointer is missing from the allocation table; "

@@ -47,7 +47,7 @@ class FeedColumns:
         self.raw = samples.mode == MODE_RAW
         self.starts, self.width, self.height, self.labels = samples.offset, samples.width, samples.height, samples.labels
         # raw regions may be padded past the pixels
-        self.ends = samples.offset + np.where(self.raw, samples.width * samples.height * 3, samples.size)
+        self.ends = samples.offset + np.where(self.raw, samples.width.astype(np.int64) * samples.height * 3, samples.size)
 
     def meta(self, indices: np.ndarray) -> np.ndarray:
         meta = np.zeros((len(indices), 6), dtype=np.int64)   # the last column, mirror, is set by the caller

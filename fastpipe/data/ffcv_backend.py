@@ -52,12 +52,20 @@ class LeanOSCacheManager(OSCacheManager):
     def __init__(self, reader):   # the base class's sorted pointer and size columns only
         self.reader = reader
         table = reader.alloc_table
-        order = np.argsort(table["ptr"])
-        self.ptrs, self.sizes = table["ptr"][order], table["size"][order]
+        pointers = table["ptr"]
+        if np.all(pointers[1:] >= pointers[:-1]):   # FFCV's writer usually leaves them in order
+            self.ptrs, self.sizes = np.ascontiguousarray(pointers), np.ascontiguousarray(table["size"])
+        else:
+            order = np.argsort(pointers)
+            self.ptrs, self.sizes = pointers[order], table["size"][order]
+        # Nothing else reads the allocation table (24 bytes a sample): dropped, read again if the dicts are asked for.
+        reader.alloc_table = None
         self.context = OSCacheContext(self)
 
     def __getattr__(self, name: str):   # called only for attributes not set above
         if name in ("ptr_to_size", "sample_to_pages", "page_to_samples"):
+            if self.reader.alloc_table is None:
+                self.reader.read_allocation_table()
             MemoryManager.__init__(self, self.reader)
             return getattr(self, name)
         raise AttributeError(name)
@@ -66,6 +74,7 @@ class LeanOSCacheManager(OSCacheManager):
 ffcv.loader.loader.OSCacheManager = LeanOSCacheManager   # what Loader builds for os_cache = true
 
 
+MAX_EPOCH = 2**16 - 1   # the epoch column is uint16 (ffcv_decoders.add_epoch_column)
 TRIM_ABOVE = 1.03   # trim when RSS is 3% above its level after the first epoch
 
 
@@ -153,6 +162,8 @@ class FFCVLoader(LoaderBase):
         self.loader.batch_size = self.batch_size
         self.loader.next_epoch = epoch   # FFCV seeds its order from seed + epoch
         if self.epoch_column is not None:
+            if not 0 <= epoch <= MAX_EPOCH:
+                raise ValueError(f"ffcv loader: epoch {epoch} is outside 0..{MAX_EPOCH} (the crop draws' epoch column)")
             self.epoch_column[:] = epoch   # ... and SeededRandomResizedCrop its crops from it
         # One FFCV epoch iterator (a thread) per epoch, closed even when the caller stops early.
         epoch_iterator = iter(self.loader)
@@ -164,6 +175,9 @@ class FFCVLoader(LoaderBase):
                 yield self.finish(images, labels)
         finally:
             epoch_iterator.close()
+            # FFCV's thread notices the close within half a second; a process that exits while it is still in
+            # compiled code aborts ("terminate called without an active exception"), so wait for it.
+            epoch_iterator.join(timeout=60)
             del epoch_iterator
             self.bound_memory()
 

@@ -32,7 +32,9 @@ def add_epoch_column(loader, field_name: str) -> np.ndarray:
     reader = loader.reader
     key = f"f{loader.field_name_to_f_ix[field_name]}"
     old = reader.metadata
-    layout = [(name, np.dtype(old.dtype[name].descr + [("epoch", "<u8")]) if name == key else old.dtype[name])
+    # uint16: FFCV packs the image entry (13 bytes) and aligns the next field to 8, so 2 more bytes fit in the
+    # padding and the table stays the size it was (a uint64 would add 8 bytes a sample).
+    layout = [(name, np.dtype(old.dtype[name].descr + [("epoch", "<u2")]) if name == key else old.dtype[name])
               for name in old.dtype.names]
     table = np.zeros(len(old), dtype=layout)
     for name in old.dtype.names:
@@ -42,6 +44,16 @@ def add_epoch_column(loader, field_name: str) -> np.ndarray:
         else:
             table[name] = old[name]
     reader.metadata = table   # read by every later epoch iterator; the code compiles at first use
+    # FFCV's graph and its operations (accept_globals) keep views of the old table: point them at the new one,
+    # so that the old table (~30 bytes a sample) is freed rather than kept beside its copy.
+    loader.graph.metadata = table
+    views = {old[name].__array_interface__["data"][0]: name for name in old.dtype.names}
+    for operation in loader.graph.operation_to_node:
+        held = getattr(operation, "metadata", None)
+        if isinstance(held, np.ndarray) and held.base is not None:
+            name = views.get(held.__array_interface__["data"][0])
+            if name is not None and held.dtype == old.dtype[name]:
+                operation.metadata = table[name]
     return table[key]["epoch"]
 
 

@@ -9,6 +9,7 @@ predictions.csv). Manifests of earlier releases, with the list inline, keep load
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,31 @@ class SampleTable:
             raise BetonError(f"{self.data_dir / self.entry['names']} holds {len(names)} names for {len(self)} samples. "
                              f"Re-create it with `python -m convert ... --force`.")
         return names
+
+    def iter_names(self, chunk: int = 65536) -> Iterator[list[str]]:
+        """The names in order, `chunk` at a time: names.bin is read as a stream, so no list of every name is
+        built (predictions.csv at any size)."""
+        if self.inline is not None or self.entry["names"] is None:
+            for start in range(0, len(self), chunk):
+                stop = min(start + chunk, len(self))
+                yield ([name for name, _ in self.inline[start:stop]] if self.inline is not None
+                       else [f"{self.beton}#{index}" for index in range(start, stop)])
+            return
+        path, pending, count, tail = self.data_dir / self.entry["names"], [], 0, b""
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                *done, tail = (tail + block).split(b"\0")
+                pending.extend(name.decode() for name in done)
+                while len(pending) >= chunk:
+                    count += chunk
+                    yield pending[:chunk]
+                    del pending[:chunk]
+        count += len(pending)
+        if tail or count != len(self):
+            raise BetonError(f"{path} holds {count} names for {len(self)} samples. "
+                             f"Re-create it with `python -m convert ... --force`.")
+        if pending:
+            yield pending
 
     def pairs(self) -> list[list]:
         return [[name, int(label)] for name, label in zip(self.names(), self.labels)]

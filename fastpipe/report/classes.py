@@ -58,19 +58,42 @@ def eval_summary(result, classes=None) -> dict:
             "macro_recall": table["recall"].mean(), "macro_f1": table["f1"].mean()}
 
 
+ROWS_PER_WRITE = 65536   # predictions.csv is written this many rows at a time: no per-sample objects for all
+
+
+def id_chunks(sample_ids, count: int, chunk: int):
+    """The rows' first column, `chunk` at a time: indices, a sequence of paths, or a SampleTable's names
+    (streamed from its names file)."""
+    if sample_ids is not None and hasattr(sample_ids, "iter_names"):
+        yield from sample_ids.iter_names(chunk)
+        return
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        yield np.arange(start, stop) if sample_ids is None else list(sample_ids[start:stop])
+
+
 def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -> Path:
     """predictions.csv: one row per sample with path (or index), true, predicted (class names when known)
-    and confidence (softmax probability of the prediction). `sample_ids` defaults to result.sample_ids."""
-    names = class_names(classes or getattr(result, "classes", None), result.num_classes)
+    and confidence (softmax probability of the prediction). `sample_ids` (a sequence of paths or a
+    SampleTable) defaults to result.sample_ids. Written ROWS_PER_WRITE rows at a time."""
+    names = np.asarray(class_names(classes or getattr(result, "classes", None), result.num_classes), dtype=object)
     if sample_ids is None:
         sample_ids = getattr(result, "sample_ids", None)
     if sample_ids is not None and len(sample_ids) != result.count:
         raise ValueError(f"{len(sample_ids)} sample ids for {result.count} predictions: ids must follow the "
                          f"loader's order (unshuffled, drop_last=False, one process).")
-    first = ("path", list(sample_ids)) if sample_ids is not None else ("index", np.arange(result.count))
-    frame = pd.DataFrame({first[0]: first[1], "true": [names[i] for i in result.targets],
-                          "predicted": [names[i] for i in result.preds], "confidence": result.confidences})
-    frame.to_csv(path, index=False, float_format="%.6f")
+    first = "index" if sample_ids is None else "path"
+    start = 0
+    with open(path, "w", newline="") as handle:
+        for ids in id_chunks(sample_ids, result.count, ROWS_PER_WRITE):
+            stop = start + len(ids)
+            frame = pd.DataFrame({first: ids, "true": names[result.targets[start:stop]],
+                                  "predicted": names[result.preds[start:stop]],
+                                  "confidence": result.confidences[start:stop]})
+            frame.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
+            start = stop
+        if start == 0:
+            pd.DataFrame(columns=[first, "true", "predicted", "confidence"]).to_csv(handle, index=False)
     return Path(path)
 
 
