@@ -67,22 +67,38 @@ CORPUS = {   # name: (height, width, PIL save options) -- odd sizes, every sampl
     "baseline_422": (200, 301, {"subsampling": 1}),
     "progressive_420": (245, 171, {"subsampling": 2, "progressive": True}),
     "tiny": (7, 13, {}),
-    "restart_markers": (150, 211, {"subsampling": 2, "restart_marker_blocks": 3}),
+    "restart_markers": (150, 211, {"subsampling": 2, "restart_marker_blocks": 3}),   # rows not tiled: usual path
+    # restart intervals that tile the MCU rows: only the intervals covering a window are entropy-decoded
+    "restart_columns_420": (375, 500, {"subsampling": 2, "restart_marker_blocks": 4}),   # 32 MCUs a row
+    "restart_columns_444": (201, 333, {"subsampling": 0, "restart_marker_blocks": 6}),   # 42 MCUs, odd width
+    "restart_columns_422": (190, 250, {"subsampling": 1, "restart_marker_blocks": 2}),   # 16 MCUs
+    "restart_rows_420": (333, 211, {"subsampling": 2, "restart_marker_rows": 1}),        # one interval a row
+    "restart_two_rows_420": (100, 160, {"subsampling": 2, "restart_marker_rows": 2}),
+    "restart_one_mcu_gray": (99, 141, {"restart_marker_blocks": 1, "mode": "L"}),
 }
+RESTART_TILED = {name for name in CORPUS if name.startswith("restart_") and name != "restart_markers"}
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_window_equals_the_same_window_of_a_full_decode(name):
     height, width, options = CORPUS[name]
     rng = np.random.default_rng(len(name))
-    jpeg = encode(photo(rng, height, width), **options)
+    options = dict(options)
+    jpeg = encode(photo(rng, height, width), mode=options.pop("mode", "RGB"), **options)
     reference = full_decode(jpeg, height, width)
+    before = crop_decode.read_counters()
     for _ in range(40):
         top, left, crop_h, crop_w = random_window(rng, height, width)
         out, used = decode_window(jpeg, height, width, top, left, crop_h, crop_w)
         assert used == 1
         np.testing.assert_array_equal(out, reference[top:top + crop_h, left:left + crop_w],
                                       err_msg=f"{name} window {(top, left, crop_h, crop_w)}")
+    after = crop_decode.read_counters()
+    restarted = after["restart_decodes"] - before["restart_decodes"]
+    assert (restarted > 0) if name in RESTART_TILED else restarted == 0
+    if name in RESTART_TILED:   # the intervals read are a part of the entropy-coded data
+        assert after["entropy_bytes_read"] - before["entropy_bytes_read"] < \
+            after["entropy_bytes"] - before["entropy_bytes"]
 
 
 def test_grayscale_jpeg_decodes_to_equal_rgb_channels():
@@ -251,3 +267,58 @@ def test_asking_for_the_crop_decoder_without_the_library_says_how_to_build_it(tm
     assert loader.decoder_kind == "stock"
     with pytest.raises(ValueError, match="decoder must be one of"):
         build_loader("ffcv", data=data, batch_size=4, resolution=32, workers=1, decoder="fast")
+
+
+@pytest.mark.parametrize("options", [{"subsampling": 2, "restart_marker_blocks": 4},
+                                     {"subsampling": 0, "restart_marker_rows": 1}])
+def test_dct_scaled_windows_from_restart_intervals_equal_those_of_the_whole_stream(options):
+    """Same coefficients with or without markers: at every DCT scale the intervals-only decode gives the
+    pixels the usual path gives on the marker-free file."""
+    rng = np.random.default_rng(11)
+    height, width = 512, 640   # 40 MCUs a row at 4:2:0: intervals of 4 tile it
+    pixels = photo(rng, height, width)
+    plain, marked = encode(pixels, subsampling=options["subsampling"]), encode(pixels, **options)
+    before = crop_decode.read_counters()["restart_decodes"]
+    scales = set()
+    for _ in range(60):
+        top, left, crop_h, crop_w = random_window(rng, height, width, smallest=40)
+        side = int(rng.choice([16, 32, 64]))
+        expected, used = decode_window(plain, height, width, top, left, crop_h, crop_w, (side, side), max_denom=8)
+        out, used_marked = decode_window(marked, height, width, top, left, crop_h, crop_w, (side, side), max_denom=8)
+        assert used == used_marked
+        scales.add(used)
+        np.testing.assert_array_equal(out, expected, err_msg=f"window {(top, left, crop_h, crop_w)} at 1/{used}")
+    assert scales >= {1, 2, 4} and crop_decode.read_counters()["restart_decodes"] > before
+
+
+def guarded(data: np.ndarray) -> np.ndarray:
+    """`data` copied to the end of readable memory that an unreadable page follows."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    size = -(-len(data) // page) * page
+    region = np.frombuffer(mmap.mmap(-1, size + page, prot=mmap.PROT_READ | mmap.PROT_WRITE), dtype=np.uint8)
+    region[size - len(data):size] = data
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(region.ctypes.data + size), ctypes.c_size_t(page), 0) == 0
+    return region[size - len(data):size]
+
+
+def test_damaged_restart_intervals_never_crash_or_read_past_the_sample():
+    """A cut file, a marker out of sequence, garbage in an interval: the decoder falls back to the usual
+    path (libjpeg's own error handling) or counts a zero image; it never reads past the bytes it is given."""
+    rng = np.random.default_rng(12)
+    jpeg = encode(photo(rng, 240, 320), subsampling=2, restart_marker_blocks=4)
+    markers = [i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and 0xD0 <= jpeg[i + 1] <= 0xD7]
+    assert len(markers) > 10
+    out_of_order = jpeg.copy()
+    out_of_order[markers[5] + 1] = 0xD0 + (out_of_order[markers[5] + 1] - 0xD0 + 3) % 8
+    garbage = jpeg.copy()
+    garbage[markers[7] + 2:markers[8]] = rng.integers(0, 255, markers[8] - markers[7] - 2, dtype=np.uint8)
+    for damaged in (jpeg[:len(jpeg) // 2], jpeg[:markers[3] + 1], out_of_order, garbage):
+        damaged = guarded(damaged)   # a read past the sample's last byte would fault
+        for _ in range(20):
+            top, left, crop_h, crop_w = random_window(rng, 240, 320, smallest=8)
+            out, used = decode_window(damaged, 240, 320, top, left, crop_h, crop_w, (32, 32), max_denom=8)
+            assert used in (1, 2, 4, 8) or (used < 0 and not out.any())

@@ -13,6 +13,7 @@
 #include <csetjmp>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -50,7 +51,7 @@ thread_local Decompressor decompressor;
 
 // Work counters for the benchmark reports, summed over all threads.
 std::atomic<uint64_t> samples{0}, decoded_pixels{0}, stored_pixels{0}, output_pixels{0}, full_decodes{0},
-    scaled_decodes{0}, failures{0};
+    scaled_decodes{0}, failures{0}, restart_decodes{0}, entropy_bytes{0}, entropy_bytes_read{0};
 
 // Pixels kept on each side of the window while decoding, so that chroma upsampling at the window's
 // edge sees the same neighbours as in a full decode (libjpeg treats a cropped edge as the image edge).
@@ -121,6 +122,185 @@ int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigne
     return region ? 1 : 2;
 }
 
+// ---- Restart intervals: entropy-decode only the intervals a crop needs ----------------------------------
+// Baseline JPEG is one Huffman stream: reaching a crop means entropy-decoding every MCU before it. After a
+// restart marker (RSTn) the DC predictors reset and the stream is byte-aligned, so a run of intervals is a
+// valid scan on its own. When the intervals tile the MCU rows (an interval count that divides a row, or
+// whole rows), the intervals covering the crop (plus one MCU of context for chroma upsampling) form a
+// smaller JPEG: the original header with the window's dimensions in its frame header, the intervals with
+// their markers renumbered from RST0. libjpeg decodes that as usual. Written by hand: libjpeg-turbo offers
+// no random access to restart intervals (its crop API still entropy-decodes from the top).
+
+struct Frame {
+    unsigned width = 0, height = 0, mcu_w = 0, mcu_h = 0, mcus_per_row = 0, mcu_rows = 0, interval = 0;
+    size_t size_at = 0;    // offset of the frame header's height (2 bytes), then width (2 bytes)
+    size_t entropy = 0;    // first byte of the scan's entropy-coded data
+};
+
+inline unsigned be16(const uint8_t* p) { return (static_cast<unsigned>(p[0]) << 8) | p[1]; }
+
+// The frame and scan headers of a single-scan sequential Huffman JPEG (SOF0/SOF1, one scan holding every
+// component); false for anything else (progressive, arithmetic, lossless, several scans, a cut header).
+// f.interval stays 0 without a DRI segment.
+bool parse_frame(const uint8_t* s, uint64_t size, Frame& f) {
+    if (size < 4 || s[0] != 0xFF || s[1] != 0xD8) return false;
+    size_t pos = 2;
+    unsigned components = 0;
+    bool frame = false;
+    while (pos + 4 <= size) {
+        if (s[pos] != 0xFF) return false;
+        const uint8_t marker = s[pos + 1];
+        if (marker == 0xFF) { ++pos; continue; }   // fill byte
+        if (marker == 0xD8 || marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) { pos += 2; continue; }
+        if (marker == 0xD9) return false;
+        const size_t length = be16(s + pos + 2);
+        if (length < 2 || pos + 2 + length > size) return false;
+        const uint8_t* segment = s + pos + 4;   // after the length field
+        if (marker == 0xC0 || marker == 0xC1) {
+            if (length < 8 || segment[0] != 8) return false;
+            f.height = be16(segment + 1);
+            f.width = be16(segment + 3);
+            components = segment[5];
+            if (f.height == 0 || f.width == 0 || components == 0 || length < 8 + 3 * components) return false;
+            unsigned hmax = 1, vmax = 1;
+            for (unsigned c = 0; c < components; ++c) {
+                const unsigned h = segment[6 + 3 * c + 1] >> 4, v = segment[6 + 3 * c + 1] & 15;
+                if (h == 0 || v == 0) return false;
+                hmax = std::max(hmax, h);
+                vmax = std::max(vmax, v);
+            }
+            // one component: non-interleaved, an MCU is one 8 x 8 block of it
+            f.mcu_w = components == 1 ? 8 : 8 * hmax;
+            f.mcu_h = components == 1 ? 8 : 8 * vmax;
+            f.size_at = pos + 5;
+            frame = true;
+        } else if ((marker >= 0xC2 && marker <= 0xCB && marker != 0xC4 && marker != 0xC8) ||
+                   (marker >= 0xCD && marker <= 0xCF)) {
+            return false;   // progressive, lossless, hierarchical or arithmetic-coded
+        } else if (marker == 0xDD) {
+            if (length != 4) return false;
+            f.interval = be16(segment);
+        } else if (marker == 0xDA) {
+            if (!frame || segment[0] != components) return false;
+            f.entropy = pos + 2 + length;
+            f.mcus_per_row = (f.width + f.mcu_w - 1) / f.mcu_w;
+            f.mcu_rows = (f.height + f.mcu_h - 1) / f.mcu_h;
+            return true;
+        }
+        pos += 2 + length;
+    }
+    return false;
+}
+
+// Where each restart interval's entropy data starts and ends (an end is its marker's first byte). False
+// when the markers are not the ones the restart interval promises (a damaged or cut file): the caller
+// then decodes the usual way, whose error handling copes with it.
+bool find_intervals(const uint8_t* s, uint64_t size, const Frame& f, std::vector<uint32_t>& starts,
+                    std::vector<uint32_t>& ends) {
+    const uint64_t expected = (static_cast<uint64_t>(f.mcus_per_row) * f.mcu_rows + f.interval - 1) / f.interval;
+    starts.assign(1, static_cast<uint32_t>(f.entropy));
+    ends.clear();
+    const uint8_t* p = s + f.entropy;
+    const uint8_t* end = s + size;
+    while (true) {
+        p = static_cast<const uint8_t*>(std::memchr(p, 0xFF, static_cast<size_t>(end - p)));
+        if (p == nullptr || p + 1 >= end) return false;   // no end of scan: cut
+        const uint8_t next = p[1];
+        if (next == 0x00) { p += 2; continue; }           // a stuffed 0xFF data byte
+        if (next == 0xFF) { p += 1; continue; }           // fill before a marker
+        ends.push_back(static_cast<uint32_t>(p - s));
+        if (next >= 0xD0 && next <= 0xD7) {
+            if (next - 0xD0 != static_cast<int>((starts.size() - 1) & 7) || starts.size() >= expected) return false;
+            starts.push_back(static_cast<uint32_t>(p + 2 - s));
+            p += 2;
+            continue;
+        }
+        return starts.size() == expected;   // EOI (or another marker) ends the scan
+    }
+}
+
+struct Restarts {
+    Frame frame;
+    std::vector<uint32_t> starts, ends;
+    std::vector<uint8_t> stream;   // the window's JPEG
+};
+
+thread_local Restarts restarts;
+
+int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
+                  unsigned y0, unsigned w, unsigned h, uint64_t* decoded);
+
+// Decodes the window (as decode_window) from only the restart intervals that cover it. Returns 0 when the
+// file has no usable restart intervals or they would skip nothing (the caller decodes as usual), else
+// decode_window's result on the smaller stream.
+int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
+                           unsigned y0, unsigned w, unsigned h, uint64_t* decoded) {
+    Restarts& r = restarts;
+    Frame& f = r.frame;
+    f = Frame();
+    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return 0;
+    if (f.mcus_per_row % f.interval != 0 && f.interval % f.mcus_per_row != 0) return 0;   // rows not tiled
+    // The window in full-size pixels, widened by one MCU on every side for chroma upsampling's neighbours.
+    const unsigned left = x0 * denom, right = (x0 + w) * denom, top = y0 * denom, bottom = (y0 + h) * denom;
+    unsigned c0 = left / f.mcu_w, c1 = (right + f.mcu_w - 1) / f.mcu_w;
+    unsigned r0 = top / f.mcu_h, r1 = (bottom + f.mcu_h - 1) / f.mcu_h;
+    c0 = c0 > 0 ? c0 - 1 : 0;
+    r0 = r0 > 0 ? r0 - 1 : 0;
+    c1 = std::min(c1 + 1, f.mcus_per_row);
+    r1 = std::min(r1 + 1, f.mcu_rows);
+    const bool in_rows = f.mcus_per_row % f.interval == 0;   // intervals tile each row (else whole rows)
+    const unsigned rows_per = in_rows ? 1 : f.interval / f.mcus_per_row;
+    if (in_rows) {
+        c0 = c0 / f.interval * f.interval;
+        c1 = std::min((c1 + f.interval - 1) / f.interval * f.interval, f.mcus_per_row);
+    } else {
+        c0 = 0;
+        c1 = f.mcus_per_row;
+        r0 = r0 / rows_per * rows_per;
+        r1 = std::min((r1 + rows_per - 1) / rows_per * rows_per, f.mcu_rows);
+    }
+    if (c0 == 0 && c1 == f.mcus_per_row && r0 == 0) return 0;   // only rows below: the usual path stops there
+    if (!find_intervals(source, size, f, r.starts, r.ends)) return 0;
+    const unsigned width = c1 == f.mcus_per_row ? f.width - c0 * f.mcu_w : (c1 - c0) * f.mcu_w;
+    const unsigned height = r1 == f.mcu_rows ? f.height - r0 * f.mcu_h : (r1 - r0) * f.mcu_h;
+    std::vector<uint8_t>& out = r.stream;
+    out.assign(source, source + f.entropy);
+    out[f.size_at] = static_cast<uint8_t>(height >> 8);
+    out[f.size_at + 1] = static_cast<uint8_t>(height);
+    out[f.size_at + 2] = static_cast<uint8_t>(width >> 8);
+    out[f.size_at + 3] = static_cast<uint8_t>(width);
+    const unsigned per_row = in_rows ? f.mcus_per_row / f.interval : 0;
+    unsigned first, last, count = 0;   // intervals of a row (in_rows), or of the whole selection
+    uint64_t bytes = 0;
+    auto append = [&](unsigned i) {
+        if (count > 0) {
+            out.push_back(0xFF);
+            out.push_back(static_cast<uint8_t>(0xD0 + ((count - 1) & 7)));
+        }
+        out.insert(out.end(), source + r.starts[i], source + r.ends[i]);
+        bytes += r.ends[i] - r.starts[i];
+        ++count;
+    };
+    if (in_rows) {
+        first = c0 / f.interval;
+        last = c1 / f.interval;
+        for (unsigned row = r0; row < r1; ++row)
+            for (unsigned i = row * per_row + first; i < row * per_row + last; ++i) append(i);
+    } else {
+        for (unsigned i = r0 / rows_per; i < (r1 + rows_per - 1) / rows_per; ++i) append(i);
+    }
+    out.push_back(0xFF);
+    out.push_back(0xD9);
+    const int kind = decode_window(d, out.data(), out.size(), denom, x0 - c0 * f.mcu_w / denom,
+                                   y0 - r0 * f.mcu_h / denom, w, h, decoded);
+    if (kind > 0) {
+        restart_decodes.fetch_add(1, std::memory_order_relaxed);
+        entropy_bytes_read.fetch_add(bytes, std::memory_order_relaxed);
+        entropy_bytes.fetch_add(r.ends.back() - r.starts.front(), std::memory_order_relaxed);
+    }
+    return kind;
+}
+
 // Resize policy: halve by 2x2 (or 2x1) box averaging while the shrink is 2x or more along an axis (OpenCV's
 // integer-factor area path: ~6x cheaper than INTER_AREA at a fractional factor), then bilinear for the
 // rest, which is under 2x (the box filter, like DCT scaling, already low-passed the image). An odd last
@@ -171,7 +351,8 @@ int fp_decode_crop(const uint8_t* source, uint64_t size, unsigned height, unsign
     Decompressor& d = decompressor;
     if (d.window.size() < static_cast<size_t>(w) * h * 3) d.window.resize(static_cast<size_t>(w) * h * 3);
     uint64_t decoded = 0;
-    const int kind = decode_window(d, source, size, denom, x0, y0, w, h, &decoded);
+    int kind = decode_window_restarts(d, source, size, denom, x0, y0, w, h, &decoded);
+    if (kind == 0) kind = decode_window(d, source, size, denom, x0, y0, w, h, &decoded);
     samples.fetch_add(1, std::memory_order_relaxed);
     output_pixels.fetch_add(static_cast<uint64_t>(out_h) * out_w, std::memory_order_relaxed);
     stored_pixels.fetch_add(static_cast<uint64_t>(height) * width, std::memory_order_relaxed);
@@ -203,17 +384,68 @@ int fp_crop_resize(const uint8_t* pixels, unsigned height, unsigned width, unsig
     return 1;
 }
 
-// Counters: samples, decoded pixels, stored pixels, output pixels, full decodes, scaled decodes, failures.
+// Counters: samples, decoded pixels, stored pixels, output pixels, full decodes, scaled decodes, failures,
+// decodes from restart intervals, their entropy-coded bytes in all and the bytes of them decoded.
 void fp_read_counters(uint64_t* out) {
     const std::atomic<uint64_t>* all[] = {&samples, &decoded_pixels, &stored_pixels, &output_pixels,
-                                          &full_decodes, &scaled_decodes, &failures};
-    for (int i = 0; i < 7; ++i) out[i] = all[i]->load();
+                                          &full_decodes, &scaled_decodes, &failures, &restart_decodes,
+                                          &entropy_bytes, &entropy_bytes_read};
+    for (int i = 0; i < 10; ++i) out[i] = all[i]->load();
 }
 
 void fp_reset_counters() {
     for (auto* counter : {&samples, &decoded_pixels, &stored_pixels, &output_pixels, &full_decodes,
-                          &scaled_decodes, &failures})
+                          &scaled_decodes, &failures, &restart_decodes, &entropy_bytes, &entropy_bytes_read})
         counter->store(0);
+}
+
+// MCUs per row of a single-scan sequential JPEG (0 for any other file: it keeps its form).
+unsigned fp_mcus_per_row(const uint8_t* source, uint64_t size) {
+    Frame f;
+    return parse_frame(source, size, f) ? f.mcus_per_row : 0;
+}
+
+// Lossless rewrite of a JPEG with a restart marker every `interval` MCUs (jpegtran's -restart): the DCT
+// coefficients are copied, not decoded to pixels, so every decoder gives the same pixels as before. Writes
+// into destination (capacity bytes); returns the new size, 0 when it does not fit, -1 for a file libjpeg rejects.
+int64_t fp_add_restarts(const uint8_t* source, uint64_t size, unsigned interval, uint8_t* destination,
+                        uint64_t capacity) {
+    jpeg_decompress_struct in;
+    jpeg_compress_struct out;
+    ErrorManager errors;
+    unsigned char* buffer = nullptr;
+    unsigned long written = 0;
+    in.err = out.err = jpeg_std_error(&errors.pub);
+    errors.pub.error_exit = on_error;
+    errors.pub.emit_message = on_message;
+    errors.pub.output_message = on_output;
+    jpeg_create_decompress(&in);
+    jpeg_create_compress(&out);
+    if (setjmp(errors.jump)) {
+        jpeg_destroy_compress(&out);
+        jpeg_destroy_decompress(&in);
+        free(buffer);
+        return -1;
+    }
+    jpeg_mem_src(&in, source, static_cast<unsigned long>(size));
+    // Beton JPEGs are FFCV's own encodes of decoded pixels (EXIF already applied): no marker worth copying.
+    jpeg_read_header(&in, TRUE);
+    jvirt_barray_ptr* coefficients = jpeg_read_coefficients(&in);
+    jpeg_copy_critical_parameters(&in, &out);
+    out.restart_interval = interval;
+    // Huffman tables fitted to the file (a second pass over the coefficients, as jpegtran -optimize): what
+    // the markers add is won back, and the coefficients, hence the pixels, are unchanged.
+    out.optimize_coding = TRUE;
+    jpeg_mem_dest(&out, &buffer, &written);
+    jpeg_write_coefficients(&out, coefficients);
+    jpeg_finish_compress(&out);
+    jpeg_finish_decompress(&in);
+    int64_t result = written <= capacity ? static_cast<int64_t>(written) : 0;
+    if (result > 0) std::memcpy(destination, buffer, written);
+    jpeg_destroy_compress(&out);
+    jpeg_destroy_decompress(&in);
+    free(buffer);
+    return result;
 }
 
 }  // extern "C"

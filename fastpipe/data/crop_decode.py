@@ -13,9 +13,10 @@ from importlib import metadata
 import numpy as np
 
 COUNTERS = ("samples", "decoded_pixels", "stored_pixels", "output_pixels", "full_decodes",
-            "scaled_decodes", "failures")
+            "scaled_decodes", "failures", "restart_decodes", "entropy_bytes", "entropy_bytes_read")
 MAX_DENOM = 8   # DCT scales 1/1, 1/2, 1/4, 1/8
-FUNCTIONS = ("fp_decode_crop", "fp_crop_resize", "fp_scale_denom", "fp_read_counters", "fp_reset_counters")
+FUNCTIONS = ("fp_decode_crop", "fp_crop_resize", "fp_scale_denom", "fp_read_counters", "fp_reset_counters",
+             "fp_mcus_per_row", "fp_add_restarts")
 # The wheel is built to the manylinux_2_35 policy (make wheelhouse): glibc >= 2.35, libstdc++ of GCC >= 12.
 REQUIREMENT = "glibc >= 2.35 and libstdc++ with GLIBCXX_3.4.30 (GCC 12 or newer), as on Debian 12 or Ubuntu 22.04+"
 NOT_BUILT = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
@@ -77,6 +78,8 @@ _crop_resize = _bind("fp_crop_resize", [c_void_p] + [c_uint] * 6 + [c_void_p, c_
 _scale_denom = _bind("fp_scale_denom", [c_uint] * 5, c_uint)
 _read_counters = _bind("fp_read_counters", [c_void_p], None)
 _reset_counters = _bind("fp_reset_counters", [], None)
+_mcus_per_row = _bind("fp_mcus_per_row", [c_void_p, c_uint64], c_uint)
+_add_restarts = _bind("fp_add_restarts", [c_void_p, c_uint64, c_uint, c_void_p, c_uint64], ctypes.c_int64)
 
 
 # numba compiles these (FFCV's Compiler.compile) into calls of the C functions, without the GIL.
@@ -108,3 +111,24 @@ def read_counters() -> dict[str, int]:
 def reset_counters() -> None:
     if _lib is not None:
         _reset_counters()
+
+
+def mcus_per_row(jpeg: bytes) -> int:
+    """MCUs in a row of a single-scan sequential JPEG; 0 for any other file (progressive, cut, not a JPEG)."""
+    buffer = np.frombuffer(jpeg, dtype=np.uint8)
+    return int(_mcus_per_row(buffer.ctypes.data, buffer.size))
+
+
+def add_restarts(jpeg: bytes, interval: int) -> bytes | None:
+    """The same JPEG with a restart marker every `interval` MCUs, rewritten losslessly (coefficients copied,
+    Huffman tables fitted to the file); None when libjpeg rejects the file."""
+    source = np.frombuffer(jpeg, dtype=np.uint8)
+    capacity = 2 * len(jpeg) + 65536
+    while True:
+        out = np.empty(capacity, dtype=np.uint8)
+        written = int(_add_restarts(source.ctypes.data, source.size, interval, out.ctypes.data, capacity))
+        if written < 0:
+            return None
+        if written > 0:
+            return out[:written].tobytes()
+        capacity *= 2
