@@ -41,6 +41,9 @@ def storage_options() -> argparse.ArgumentParser:
     group.add_argument("--val-write-mode", choices=WRITE_MODES, help="val override (default: as train)")
     group.add_argument("--val-jpeg-quality", type=int, help="val override (default: as train)")
     group.add_argument("--val-compress-probability", type=float, help="val override (default: as train)")
+    group.add_argument("--no-restart-intervals", dest="restart_intervals", action="store_false",
+                       help="JPEG samples without restart intervals (the crop decoder then entropy-decodes every "
+                            "row above the crop; default: with them)")
     group.add_argument("--min-side", type=int, default=DEFAULTS.min_side,
                        help="skip images whose shorter side is below this after capping; tiny crops "
                             "crash loaders (default: %(default)s)")
@@ -58,7 +61,8 @@ def write_settings(args) -> tuple[WriteSettings, WriteSettings]:
     def pick(name):
         value = getattr(args, f"val_{name}")
         return getattr(args, name) if value is None else value
-    common = {"smart_threshold": args.smart_threshold, "min_side": args.min_side, "seed": args.seed}
+    common = {"smart_threshold": args.smart_threshold, "min_side": args.min_side, "seed": args.seed,
+              "restart_intervals": args.restart_intervals}
     train = WriteSettings(write_mode=args.write_mode, max_resolution=args.max_resolution or None,
                           jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability, **common)
     val = WriteSettings(write_mode=pick("write_mode"), max_resolution=pick("max_resolution") or None,
@@ -137,6 +141,12 @@ def cmd_synthetic(args) -> None:
 
 def cmd_adopt(args) -> None:
     adopt(args.dir, classes_file=args.classes, train=args.train, val=args.val, force=args.force)
+
+
+def cmd_restart(args) -> None:
+    from convert.restart import restart
+
+    restart(args.dir, workers=args.workers)
 
 
 def cmd_verify(args) -> None:
@@ -220,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     adopt.add_argument("--val", default="val.beton", help="val beton in DIR (default: %(default)s)")
     adopt.add_argument("--force", action="store_true", help="replace an existing manifest.json")
     adopt.set_defaults(run=cmd_adopt)
+
+    rewrite = commands.add_parser("restart", help="give the JPEG samples of DIR's betons restart intervals, "
+                                                   "losslessly (crop-only entropy decoding)")
+    rewrite.add_argument("dir", help="folder with manifest.json and the betons (converted or adopted)")
+    rewrite.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    rewrite.set_defaults(run=cmd_restart)
 
     for name, run, text in (("verify", cmd_verify, "decode every sample and check it against the manifest"),
                             ("info", cmd_info, "summary: classes, counts, size on disk, resolutions")):

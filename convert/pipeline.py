@@ -61,7 +61,8 @@ def tool_versions() -> dict:
 def settings_record(settings: WriteSettings) -> dict:
     return {"write_mode": settings.write_mode, "max_resolution": settings.max_resolution,
             "jpeg_quality": settings.jpeg_quality, "compress_probability": settings.compress_probability,
-            "seed": settings.seed, "smart_threshold": settings.smart_threshold, "min_side": settings.min_side}
+            "seed": settings.seed, "smart_threshold": settings.smart_threshold, "min_side": settings.min_side,
+            "restart_intervals": settings.restart_intervals}
 
 
 def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:

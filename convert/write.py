@@ -44,6 +44,7 @@ class WriteSettings:
     smart_threshold: int = 224 * 224 * 3     # 'smart': JPEG-compress images larger than this many raw bytes
     min_side: int = 8
     seed: int = 0
+    restart_intervals: bool = True   # JPEGs get restart intervals for crop-only decoding (fastpipe.data.restarts)
 
     def __post_init__(self):
         if self.write_mode not in WRITE_MODES:
@@ -148,8 +149,12 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
         # FFCV hands the dataset to its workers by forking (this process is clean, so that is safe);
         # a forkserver-started process would otherwise default to forkserver and fail to pickle it.
         mp.set_start_method("fork", force=True)
+        import ffcv.fields.rgb_image
         import ffcv.writer  # after the start method is set
         from ffcv.fields import IntField, RGBImageField  # likewise
+
+        from fastpipe.data import restarts
+        stock_encode = ffcv.fields.rgb_image.encode_jpeg
 
         # The converter draws its own progress bar; FFCV's tqdm bar would interleave with it.
         ffcv.writer.tqdm = functools.partial(ffcv.writer.tqdm, disable=True)
@@ -164,6 +169,8 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
         events.put(("ready", None))
         while (job := todo.get()) is not None:
             settings = job.settings
+            # FFCV's RGBImageField encodes through this module-level function (OpenCV, 4:2:0, the quality)
+            ffcv.fields.rgb_image.encode_jpeg = restarts.encode_jpeg if settings.restart_intervals else stock_encode
             image_field = RGBImageField(write_mode=settings.write_mode, max_resolution=None,
                                         smart_threshold=settings.smart_threshold,
                                         jpeg_quality=settings.jpeg_quality,
