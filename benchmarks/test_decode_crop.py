@@ -59,16 +59,25 @@ def test_random_resized_crop_opencv_area(benchmark, decoded):
 # The three FFCV decode paths on the same bytes and the same random crops (160 px output), stored at
 # 256 and 512 px: FFCV's stock decoder (full decode, crop, INTER_AREA), the crop decoder, and the
 # ceiling of any full-decode design (full decode alone, no crop and no resize).
-@pytest.fixture(scope="module", params=[256, 512], ids=["stored256", "stored512"])
+# Each also with restart intervals (as the converter writes them: the same pixels, fastpipe.data.restarts),
+# which let the crop decoder entropy-decode only the crop's intervals.
+@pytest.fixture(scope="module", params=[(256, False), (512, False), (256, True), (512, True)],
+                ids=["stored256", "stored512", "stored256-restarts", "stored512-restarts"])
 def stored_jpegs(request):
     from ffcv.fields.rgb_image import get_random_crop  # ffcv compiles numba on import: only these benchmarks
 
-    rng = np.random.default_rng(request.param)
-    side, samples = request.param, []
+    from fastpipe.data.restarts import restart_interval
+
+    side, marked = request.param
+    rng = np.random.default_rng(side)   # the same images and crops with and without restart intervals
+    samples = []
     for _ in range(16):
         height = side if rng.random() < 0.5 else int(rng.integers(side * 0.6, side))
         width = side if height < side else int(rng.integers(side * 0.6, side))
-        encoded = cv2.imencode(".jpg", photo_like(rng, height, width), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].reshape(-1)
+        options = [cv2.IMWRITE_JPEG_QUALITY, 90]
+        if marked:
+            options += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval(-(-width // 16))]
+        encoded = cv2.imencode(".jpg", photo_like(rng, height, width), options)[1].reshape(-1)
         np.random.seed(len(samples))
         crop = get_random_crop(height, width, np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3]))
         samples.append((encoded, height, width, crop))

@@ -126,7 +126,7 @@ int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigne
 // Baseline JPEG is one Huffman stream: reaching a crop means entropy-decoding every MCU before it. After a
 // restart marker (RSTn) the DC predictors reset and the stream is byte-aligned, so a run of intervals is a
 // valid scan on its own. When the intervals tile the MCU rows (an interval count that divides a row, or
-// whole rows), the intervals covering the crop (plus one MCU of context for chroma upsampling) form a
+// whole rows), the intervals covering the crop (plus two pixels of context for chroma upsampling) form a
 // smaller JPEG: the original header with the window's dimensions in its frame header, the intervals with
 // their markers renumbered from RST0. libjpeg decodes that as usual. Written by hand: libjpeg-turbo offers
 // no random access to restart intervals (its crop API still entropy-decodes from the top).
@@ -223,6 +223,7 @@ struct Restarts {
     Frame frame;
     std::vector<uint32_t> starts, ends;
     std::vector<uint8_t> stream;   // the window's JPEG
+    uint64_t bytes_read = 0, bytes_total = 0;   // entropy-coded bytes in it, and in the whole file
 };
 
 thread_local Restarts restarts;
@@ -230,24 +231,24 @@ thread_local Restarts restarts;
 int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
                   unsigned y0, unsigned w, unsigned h, uint64_t* decoded);
 
-// Decodes the window (as decode_window) from only the restart intervals that cover it. Returns 0 when the
-// file has no usable restart intervals or they would skip nothing (the caller decodes as usual), else
-// decode_window's result on the smaller stream.
-int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
-                           unsigned y0, unsigned w, unsigned h, uint64_t* decoded) {
+// Builds, in restarts.stream, the JPEG of only the restart intervals that cover the window (as decode_window
+// takes it: scaled by 1/denom) plus its margin, and sets *dx, *dy to the window's offset in it.
+// False when the file has no restart intervals that tile its rows, or they would skip nothing.
+bool window_stream(const uint8_t* source, uint64_t size, unsigned denom, unsigned x0, unsigned y0, unsigned w,
+                   unsigned h, unsigned* dx, unsigned* dy) {
     Restarts& r = restarts;
     Frame& f = r.frame;
     f = Frame();
-    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return 0;
-    if (f.mcus_per_row % f.interval != 0 && f.interval % f.mcus_per_row != 0) return 0;   // rows not tiled
-    // The window in full-size pixels, widened by one MCU on every side for chroma upsampling's neighbours.
+    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return false;
+    if (f.mcus_per_row % f.interval != 0 && f.interval % f.mcus_per_row != 0) return false;   // rows not tiled
+    // The window in full-size pixels, widened by decode_window's MARGIN (scaled) on every side: chroma
+    // upsampling reads one neighbouring chroma sample, which must come from the file, not from an edge.
+    const unsigned pad = MARGIN * denom;
     const unsigned left = x0 * denom, right = (x0 + w) * denom, top = y0 * denom, bottom = (y0 + h) * denom;
-    unsigned c0 = left / f.mcu_w, c1 = (right + f.mcu_w - 1) / f.mcu_w;
-    unsigned r0 = top / f.mcu_h, r1 = (bottom + f.mcu_h - 1) / f.mcu_h;
-    c0 = c0 > 0 ? c0 - 1 : 0;
-    r0 = r0 > 0 ? r0 - 1 : 0;
-    c1 = std::min(c1 + 1, f.mcus_per_row);
-    r1 = std::min(r1 + 1, f.mcu_rows);
+    unsigned c0 = (left > pad ? left - pad : 0) / f.mcu_w, c1 = (right + pad + f.mcu_w - 1) / f.mcu_w;
+    unsigned r0 = (top > pad ? top - pad : 0) / f.mcu_h, r1 = (bottom + pad + f.mcu_h - 1) / f.mcu_h;
+    c1 = std::min(c1, f.mcus_per_row);
+    r1 = std::min(r1, f.mcu_rows);
     const bool in_rows = f.mcus_per_row % f.interval == 0;   // intervals tile each row (else whole rows)
     const unsigned rows_per = in_rows ? 1 : f.interval / f.mcus_per_row;
     if (in_rows) {
@@ -259,8 +260,8 @@ int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size
         r0 = r0 / rows_per * rows_per;
         r1 = std::min((r1 + rows_per - 1) / rows_per * rows_per, f.mcu_rows);
     }
-    if (c0 == 0 && c1 == f.mcus_per_row && r0 == 0) return 0;   // only rows below: the usual path stops there
-    if (!find_intervals(source, size, f, r.starts, r.ends)) return 0;
+    if (c0 == 0 && c1 == f.mcus_per_row && r0 == 0) return false;   // only rows below: the usual path stops there
+    if (!find_intervals(source, size, f, r.starts, r.ends)) return false;
     const unsigned width = c1 == f.mcus_per_row ? f.width - c0 * f.mcu_w : (c1 - c0) * f.mcu_w;
     const unsigned height = r1 == f.mcu_rows ? f.height - r0 * f.mcu_h : (r1 - r0) * f.mcu_h;
     std::vector<uint8_t>& out = r.stream;
@@ -269,11 +270,10 @@ int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size
     out[f.size_at + 1] = static_cast<uint8_t>(height);
     out[f.size_at + 2] = static_cast<uint8_t>(width >> 8);
     out[f.size_at + 3] = static_cast<uint8_t>(width);
-    const unsigned per_row = in_rows ? f.mcus_per_row / f.interval : 0;
-    unsigned first, last, count = 0;   // intervals of a row (in_rows), or of the whole selection
+    unsigned count = 0;
     uint64_t bytes = 0;
     auto append = [&](unsigned i) {
-        if (count > 0) {
+        if (count > 0) {   // the markers renumbered: RST0, RST1, ... in the new stream's order
             out.push_back(0xFF);
             out.push_back(static_cast<uint8_t>(0xD0 + ((count - 1) & 7)));
         }
@@ -282,21 +282,33 @@ int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size
         ++count;
     };
     if (in_rows) {
-        first = c0 / f.interval;
-        last = c1 / f.interval;
+        const unsigned per_row = f.mcus_per_row / f.interval;
         for (unsigned row = r0; row < r1; ++row)
-            for (unsigned i = row * per_row + first; i < row * per_row + last; ++i) append(i);
+            for (unsigned i = row * per_row + c0 / f.interval; i < row * per_row + c1 / f.interval; ++i) append(i);
     } else {
         for (unsigned i = r0 / rows_per; i < (r1 + rows_per - 1) / rows_per; ++i) append(i);
     }
     out.push_back(0xFF);
     out.push_back(0xD9);
-    const int kind = decode_window(d, out.data(), out.size(), denom, x0 - c0 * f.mcu_w / denom,
-                                   y0 - r0 * f.mcu_h / denom, w, h, decoded);
+    r.bytes_read = bytes;
+    r.bytes_total = r.ends.back() - r.starts.front();
+    *dx = c0 * f.mcu_w / denom;
+    *dy = r0 * f.mcu_h / denom;
+    return true;
+}
+
+// Decodes the window (as decode_window) from only the restart intervals that cover it. Returns 0 when
+// window_stream declines (the caller decodes as usual), else decode_window's result on the smaller stream.
+int decode_window_restarts(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
+                           unsigned y0, unsigned w, unsigned h, uint64_t* decoded) {
+    unsigned dx = 0, dy = 0;
+    if (!window_stream(source, size, denom, x0, y0, w, h, &dx, &dy)) return 0;
+    Restarts& r = restarts;
+    const int kind = decode_window(d, r.stream.data(), r.stream.size(), denom, x0 - dx, y0 - dy, w, h, decoded);
     if (kind > 0) {
         restart_decodes.fetch_add(1, std::memory_order_relaxed);
-        entropy_bytes_read.fetch_add(bytes, std::memory_order_relaxed);
-        entropy_bytes.fetch_add(r.ends.back() - r.starts.front(), std::memory_order_relaxed);
+        entropy_bytes_read.fetch_add(r.bytes_read, std::memory_order_relaxed);
+        entropy_bytes.fetch_add(r.bytes_total, std::memory_order_relaxed);
     }
     return kind;
 }
@@ -397,6 +409,39 @@ void fp_reset_counters() {
     for (auto* counter : {&samples, &decoded_pixels, &stored_pixels, &output_pixels, &full_decodes,
                           &scaled_decodes, &failures, &restart_decodes, &entropy_bytes, &entropy_bytes_read})
         counter->store(0);
+}
+
+// For benchmarks: entropy-decodes (Huffman only: no inverse DCT, upsampling or colour conversion) what
+// fp_decode_crop would for this crop: the covering restart intervals when the file has usable ones, else
+// the whole file. Returns 1 after intervals, 2 after the whole file, -1 when libjpeg rejects it.
+int fp_entropy_only(const uint8_t* source, uint64_t size, unsigned height, unsigned width, unsigned top,
+                    unsigned left, unsigned crop_h, unsigned crop_w, unsigned out_h, unsigned out_w,
+                    unsigned max_denom) {
+    if (crop_h == 0 || crop_w == 0 || top + crop_h > height || left + crop_w > width) return -2;
+    const unsigned denom = fp_scale_denom(crop_h, crop_w, out_h, out_w, max_denom);
+    unsigned dx = 0, dy = 0;
+    const bool part = window_stream(source, size, denom, left / denom, top / denom, crop_w / denom,
+                                    crop_h / denom, &dx, &dy);
+    const uint8_t* data = part ? restarts.stream.data() : source;
+    const uint64_t length = part ? restarts.stream.size() : size;
+    jpeg_decompress_struct* cinfo = &decompressor.cinfo;
+    if (setjmp(decompressor.errors.jump)) {
+        jpeg_abort_decompress(cinfo);
+        return -1;
+    }
+    jpeg_mem_src(cinfo, data, static_cast<unsigned long>(length));
+    jpeg_read_header(cinfo, TRUE);
+    jpeg_read_coefficients(cinfo);
+    jpeg_abort_decompress(cinfo);
+    return part ? 1 : 2;
+}
+
+// For benchmarks: finds the restart intervals as window_stream does (the frame header, then every marker
+// of the entropy-coded data); returns their count, 0 when the file has none it can use.
+unsigned fp_scan_intervals(const uint8_t* source, uint64_t size) {
+    Frame f;
+    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return 0;
+    return find_intervals(source, size, f, restarts.starts, restarts.ends) ? restarts.starts.size() : 0;
 }
 
 // MCUs per row of a single-scan sequential JPEG (0 for any other file: it keeps its form).

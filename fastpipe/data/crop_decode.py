@@ -16,7 +16,7 @@ COUNTERS = ("samples", "decoded_pixels", "stored_pixels", "output_pixels", "full
             "scaled_decodes", "failures", "restart_decodes", "entropy_bytes", "entropy_bytes_read")
 MAX_DENOM = 8   # DCT scales 1/1, 1/2, 1/4, 1/8
 FUNCTIONS = ("fp_decode_crop", "fp_crop_resize", "fp_scale_denom", "fp_read_counters", "fp_reset_counters",
-             "fp_mcus_per_row", "fp_add_restarts")
+             "fp_mcus_per_row", "fp_add_restarts", "fp_entropy_only", "fp_scan_intervals")
 # The wheel is built to the manylinux_2_35 policy (make wheelhouse): glibc >= 2.35, libstdc++ of GCC >= 12.
 REQUIREMENT = "glibc >= 2.35 and libstdc++ with GLIBCXX_3.4.30 (GCC 12 or newer), as on Debian 12 or Ubuntu 22.04+"
 NOT_BUILT = ("the native crop decoder (fastpipe/data/_cropdecode) was not built: install the headers with "
@@ -78,6 +78,8 @@ _crop_resize = _bind("fp_crop_resize", [c_void_p] + [c_uint] * 6 + [c_void_p, c_
 _scale_denom = _bind("fp_scale_denom", [c_uint] * 5, c_uint)
 _read_counters = _bind("fp_read_counters", [c_void_p], None)
 _reset_counters = _bind("fp_reset_counters", [], None)
+_entropy_only = _bind("fp_entropy_only", [c_void_p, c_uint64] + [c_uint] * 9, c_int)
+_scan_intervals = _bind("fp_scan_intervals", [c_void_p, c_uint64], c_uint)
 _mcus_per_row = _bind("fp_mcus_per_row", [c_void_p, c_uint64], c_uint)
 _add_restarts = _bind("fp_add_restarts", [c_void_p, c_uint64, c_uint, c_void_p, c_uint64], ctypes.c_int64)
 
@@ -88,6 +90,18 @@ def decode_crop(source, height, width, top, left, crop_h, crop_w, destination, f
     negative when libjpeg rejects the file (destination zeroed)."""
     return _decode_crop(source.ctypes.data, source.size, height, width, top, left, crop_h, crop_w,
                         destination.ctypes.data, destination.shape[0], destination.shape[1], flip, max_denom)
+
+
+def entropy_only(source, height, width, top, left, crop_h, crop_w, out_h, out_w, max_denom=MAX_DENOM) -> int:
+    """Benchmarks: only the Huffman decoding decode_crop does for this crop (restart intervals or the whole
+    file); 1 after intervals, 2 after the whole file."""
+    return int(_entropy_only(source.ctypes.data, source.size, height, width, top, left, crop_h, crop_w,
+                             out_h, out_w, max_denom))
+
+
+def scan_intervals(source) -> int:
+    """Benchmarks: how many restart intervals the decoder finds in a JPEG (0: none it can use)."""
+    return int(_scan_intervals(source.ctypes.data, source.size))
 
 
 def crop_resize(pixels, top, left, crop_h, crop_w, destination, flip):
