@@ -121,3 +121,16 @@ def test_crop_decoder(benchmark, stored_jpegs):
             crop_decode.decode_crop(encoded, height, width, top, left, crop_h, crop_w, out, 0, crop_decode.MAX_DENOM)
 
     benchmark(run)
+
+
+def test_crop_entropy_decoding_alone(benchmark, stored_jpegs):
+    # The floor under the crop decoder: Huffman decoding of what it must read (the crop's restart intervals,
+    # or the whole file without them), no inverse DCT, upsampling, colour conversion or resize.
+    if not crop_decode.available():
+        pytest.skip(crop_decode.MISSING)
+
+    def run():
+        for encoded, height, width, (top, left, crop_h, crop_w) in stored_jpegs:
+            crop_decode.entropy_only(encoded, height, width, top, left, crop_h, crop_w, RESOLUTION, RESOLUTION)
+
+    benchmark(run)
