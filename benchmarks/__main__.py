@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {loaders,autotune,compare,train-step,ddp,gpu,scale,convert,lr-sweep,quality} ...`.
+"""Command line: `python -m benchmarks {loaders,paired,autotune,compare,train-step,ddp,gpu,scale,convert,lr-sweep,quality} ...`.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> exit code`. Only the
 chosen subcommand's module is imported (they import torch, ~2 s), so `python -m benchmarks --help` is instant.
@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     # throughput of the data path and the step
     "loaders": ("benchmarks.loaders", "img/s of each loader backend x resolution x workers"),
+    "paired": ("benchmarks.paired", "one backend on several data folders, epochs alternating: paired img/s ratios"),
     "autotune": ("benchmarks.autotune", "tune loader workers and batch size for a config in a time budget"),
     "compare": ("benchmarks.compare", "compare two results JSON files row by row"),
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),

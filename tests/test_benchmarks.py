@@ -350,3 +350,15 @@ def test_scale_benchmark_reports_manifest_size_first_batch_and_memory_per_size(t
     assert rows[1]["table_mb"] > rows[0]["table_mb"]               # the per-sample table does
     assert all(row["first_batch_s"] > 0 and row["peak_rss_mb"] > row["anon_mb"] > 0 for row in rows)
     assert "anon_bytes_per_added_sample" in rows[1]
+
+
+def test_paired_benchmark_alternates_folders_and_reports_ratios_to_the_first(betons, tmp_path):
+    out = tmp_path / "paired"
+    assert main(["paired", "--data", f"{betons},{betons}", "--backend", "torch", "--res", "32", "--workers", "1",
+                 "--batch-size", "8", "--rounds", "3", "--split", "val", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [row["data"] for row in rows] == [str(betons)] * 2
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratios"] == "1.00 1.00 1.00"
+    assert len(rows[1]["ratios"].split()) == 3 and rows[1]["ratio"] > 0 and rows[1]["img_per_s"] > 0
+    with pytest.raises(SystemExit, match="at least two"):
+        main(["paired", "--data", str(betons), "--out", str(out)])

@@ -322,3 +322,26 @@ def test_damaged_restart_intervals_never_crash_or_read_past_the_sample():
             top, left, crop_h, crop_w = random_window(rng, 240, 320, smallest=8)
             out, used = decode_window(damaged, 240, 320, top, left, crop_h, crop_w, (32, 32), max_denom=8)
             assert used in (1, 2, 4, 8) or (used < 0 and not out.any())
+
+
+@pytest.mark.parametrize("subsampling", [2, 1])
+def test_restart_windows_with_edges_on_and_beside_mcu_boundaries_are_exact(subsampling):
+    """Where a window's edge meets an interval's edge, chroma upsampling needs its neighbour from the file:
+    every window edge from 2 px before to 2 px after an MCU boundary, and the image's own edges."""
+    import itertools
+
+    rng = np.random.default_rng(13)
+    height, width = 161, 243
+    pixels = photo(rng, height, width)
+    plain, marked = encode(pixels, subsampling=subsampling), encode(pixels, subsampling=subsampling,
+                                                                    restart_marker_blocks=1)
+    reference = full_decode(marked, height, width)
+    offsets = [0, 1, 2, 14, 15, 16, 17, 18, 30, 31, 32, 33, 34]
+    for left, top in itertools.product(offsets, repeat=2):
+        for crop_w, crop_h in ((1, 1), (2, 3), (13, 17), (width - left, height - top)):
+            out, _ = decode_window(marked, height, width, top, left, crop_h, crop_w)
+            np.testing.assert_array_equal(out, reference[top:top + crop_h, left:left + crop_w],
+                                          err_msg=f"window {(top, left, crop_h, crop_w)}")
+            expected, _ = decode_window(plain, height, width, top, left, crop_h, crop_w, (4, 4), max_denom=8)
+            scaled, _ = decode_window(marked, height, width, top, left, crop_h, crop_w, (4, 4), max_denom=8)
+            np.testing.assert_array_equal(scaled, expected, err_msg=f"window {(top, left, crop_h, crop_w)} scaled")
