@@ -336,3 +336,30 @@ def test_the_scan_reports_its_progress_in_bytes_of_the_archives(tmp_path):
         for path in paths:
             list(scan_tar(path, progress=shown))
     assert "scan shards" in console.file.getvalue()
+
+
+def test_a_run_trains_and_evaluates_on_betons_converted_from_the_archives(imagenet, tmp_path):
+    """Archive-converted betons are ordinary betons: a run trains on them, and its evaluation names each val
+    sample by its member in the val archive and each class by its synset."""
+    import pandas as pd
+
+    from fastpipe.config import load_config
+    from fastpipe.evaluate import evaluate_run
+    from fastpipe.report.run import RunReport
+    from fastpipe.train import Trainer
+
+    out, run = tmp_path / "betons", tmp_path / "run"
+    assert convert_imagenet(imagenet, out, "--val-labels", str(imagenet["root"] / "LOC_val_solution.csv")) == 0
+    tiny = ["--data.workers=1", "--data.batch_size=4", "--resolution.start=32", "--resolution.end=32",
+            "--resolution.val=32", "--schedule.epochs=1", "--train.log_every=100", "--optim.lr=0.1",
+            "--model.width=8", "--data.backend=ffcv"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunReport, "plot", lambda self, **kwargs: {})
+        patch.setattr(RunReport, "plot_later", lambda self: None)
+        config = load_config("configs/cpu-smoke.toml", [f"--data.path={out}", f"--run.dir={run}", *tiny])
+        assert Trainer(config, run).fit() == 0
+        summary = evaluate_run(run, out_dir=tmp_path / "eval")
+    predictions = pd.read_csv(summary["files"]["predictions"])
+    assert len(predictions) == VAL_PER_SYNSET * len(SYNSETS)
+    assert predictions["path"].tolist() == [f"ILSVRC2012_val_{n:08d}.JPEG" for n in range(1, len(predictions) + 1)]
+    assert predictions["true"].tolist() == imagenet["truth"]   # class names are the synsets
