@@ -134,3 +134,16 @@ def test_crop_entropy_decoding_alone(benchmark, stored_jpegs):
             crop_decode.entropy_only(encoded, height, width, top, left, crop_h, crop_w, RESOLUTION, RESOLUTION)
 
     benchmark(run)
+
+
+def test_restart_interval_scan(benchmark, stored_jpegs):
+    # What finding the intervals costs (the frame header, then every marker): the decoder scans each sample
+    # rather than storing an index of its intervals.
+    if not crop_decode.available():
+        pytest.skip(crop_decode.MISSING)
+
+    def run():
+        for encoded, *_ in stored_jpegs:
+            crop_decode.scan_intervals(encoded)
+
+    benchmark(run)

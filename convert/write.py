@@ -116,7 +116,7 @@ def process_context():
     (the converter is also called from test and benchmark processes). The forkserver is clean, starts
     once per process, and pays FFCV's import (~6 s) once."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["convert.pipeline", "ffcv.writer", "ffcv.fields"])
+    ctx.set_forkserver_preload(["convert.forkserver_guard", "convert.pipeline", "ffcv.writer", "ffcv.fields"])
     return ctx
 
 
