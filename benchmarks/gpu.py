@@ -201,7 +201,10 @@ def train_rows(ctx: dict, deadline: Deadline) -> dict:
         rows.append({**base, "feed": "synthetic", "storage": "-", "img_per_s": round(ceiling, 1),
                      "ratio_to_synthetic": 1.0})
         runtime = build_runtime(config, device=ctx["device"])
-        for storage, path in ctx["data"].items():
+        # --quick (the test suite's CPU check): raw storage only, each feed's loader costs seconds to build
+        # here; the loaders phase covers both storages
+        storages = list(ctx["data"].items())[:1] if ctx["quick"] else ctx["data"].items()
+        for storage, path in storages:
             for backend in ("ffcv", "dali", "torch"):
                 if not deadline.check(f"{arch} fed by {backend} ({storage})", notes):
                     continue

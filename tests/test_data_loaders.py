@@ -341,6 +341,23 @@ def test_ffcv_loaders_skip_the_per_sample_dicts_they_do_not_read(betons):
     assert sum(len(pages) for pages in manager.sample_to_pages.values()) >= loader.num_samples   # still there on demand
 
 
+def test_an_abandoned_ffcv_epoch_ends_its_thread_even_after_the_last_batch(betons, monkeypatch):
+    """FFCV's epoch thread puts its end marker without a timeout: abandoned once it has made every batch
+    (two batches, a queue of one), it would wait forever for a reader unless the loader drains it."""
+    import threading
+
+    from fastpipe.data import ffcv_backend
+
+    monkeypatch.setattr(ffcv_backend.finish_thread, "__defaults__", (30.0,))
+    loader = make_loader("ffcv", betons, "val", batch_size=BATCH, resolution=RES, workers=1, batches_ahead=1)
+    loader.batch_size = -(-loader.num_samples // 2)   # two batches
+    epoch = loader.run_epoch(0)
+    next(epoch)
+    time.sleep(1)   # time for the thread to make the second batch and block on the end marker
+    epoch.close()
+    assert not [thread for thread in threading.enumerate() if type(thread).__name__ == "EpochIterator"]
+
+
 def test_an_abandoned_dali_feed_stops_even_when_its_queue_is_full(mixed_dir):
     """The feeding thread may be handing over the epoch's end while nobody reads any more: stop() must not
     wait for a reader forever."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -76,6 +78,22 @@ ffcv.loader.loader.OSCacheManager = LeanOSCacheManager   # what Loader builds fo
 
 MAX_EPOCH = 2**16 - 1   # the epoch column is uint16 (ffcv_decoders.add_epoch_column)
 TRIM_ABOVE = 1.03   # trim when RSS is 3% above its level after the first epoch
+
+
+def finish_thread(epoch_iterator, timeout: float = 60.0) -> None:
+    """Wait for a closed FFCV epoch thread to end: a process that exits while it is still in compiled code
+    aborts ("terminate called without an active exception"). The thread notices the close when a put into
+    its full queue times out, but once it runs out of batches it puts the end marker without a timeout and
+    would wait forever for a reader. So: no batches are left for it, and what it has queued is drained (at
+    most the batch it is making, then the end marker)."""
+    epoch_iterator.iter_ixes = iter(())
+    deadline = time.monotonic() + timeout
+    while epoch_iterator.is_alive() and time.monotonic() < deadline:
+        epoch_iterator.join(timeout=0.05)
+        try:
+            epoch_iterator.output_queue.get_nowait()
+        except queue.Empty:
+            pass
 
 
 def resident_bytes() -> int:
@@ -175,9 +193,7 @@ class FFCVLoader(LoaderBase):
                 yield self.finish(images, labels)
         finally:
             epoch_iterator.close()
-            # FFCV's thread notices the close within half a second; a process that exits while it is still in
-            # compiled code aborts ("terminate called without an active exception"), so wait for it.
-            epoch_iterator.join(timeout=60)
+            finish_thread(epoch_iterator)
             del epoch_iterator
             self.bound_memory()
 
