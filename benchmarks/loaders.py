@@ -43,6 +43,8 @@ LEGEND = [
      "ffcv:stock and dali the stored size of every JPEG sample (raw samples decode none), torch the size "
      "of every original file"),
     "ffcv:stock is FFCV's own decoder (full decode, INTER_AREA); ffcv is the crop decoder when built",
+    ("restart_decodes_share, entropy_read_share (JSON/CSV, crop decoder): the share of samples decoded from "
+     "their restart intervals, and the share of those samples' entropy-coded bytes that were read"),
     "each row runs in its own fresh process unless --no-isolate was given (see settings)",
 ]
 
@@ -157,8 +159,12 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         work = crop_decode.read_counters()
         del loader
         gc.collect()
+    restarts = {}
     if crop_decoder:
         decoded = work["decoded_pixels"] / max(work["output_pixels"], 1)
+        if work["restart_decodes"]:   # JPEGs decoded from their restart intervals: how much Huffman data they read
+            restarts = {"restart_decodes_share": round(work["restart_decodes"] / max(work["samples"], 1), 3),
+                        "entropy_read_share": round(work["entropy_bytes_read"] / max(work["entropy_bytes"], 1), 3)}
     else:
         decoded = whole_image_decoded_pixels(data, case.split, case.res, backend)
     if task is not None:
@@ -174,7 +180,7 @@ def measure_case(case: LoaderCase, data: str, device: str, epochs: int, warmup: 
         "pss_mb": round(max(pss_after_epoch) / 2**20, 1) if None not in pss_after_epoch else None,
         "cpu_util_pct": round(usage.cpu_util_pct, 1),
         "rss_growth_pct": None if growth is None else round(growth, 2),
-        "decoded_px_per_output_px": round(decoded, 2),
+        "decoded_px_per_output_px": round(decoded, 2), **restarts,
         "feed_us_per_sample": None if feed is None or feed.us_per_sample is None else round(feed.us_per_sample, 2),
         # time to an epoch's first batch (after the warm-up epochs), in seconds and in steady batch times
         "epoch_start_s": round(statistics.median(starts), 4),
