@@ -22,6 +22,7 @@ from rich.console import Console
 
 from convert.pipeline import fsync_file, make_progress
 from convert.sources import ConvertError
+from convert.write import chunk_size
 from fastpipe.data import crop_decode
 from fastpipe.data.beton import (
     IMAGE_FIELD,
@@ -128,7 +129,7 @@ def rewrite_beton(path: Path, workers: int, console: Console) -> dict:
             watcher = threading.Thread(target=follow, daemon=True)
             watcher.start()
             try:
-                writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(samples) // (4 * workers) or 1)))
+                writer.from_indexed_dataset(dataset, chunksize=chunk_size(len(samples), workers))
             finally:
                 finished.set()
                 watcher.join()

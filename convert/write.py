@@ -73,6 +73,11 @@ class BetonJob:
         return max(base, 1 << math.ceil(math.log2(2 * max(raw_sizes) + (1 << 16))))
 
 
+def chunk_size(samples: int, workers: int) -> int:
+    """Samples per task of FFCV's writer workers: about four tasks per worker, at most 100 samples each."""
+    return max(1, min(100, samples // (4 * workers)))
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies, so no orphan keeps writing."""
     if sys.platform.startswith("linux"):
@@ -177,8 +182,8 @@ def _writer_main(todo, events, progress, failures, failure_message, workers: int
                                         compress_probability=settings.compress_probability)
             writer = ffcv.writer.DatasetWriter(str(job.path), {"image": image_field, "label": IntField()},
                                                page_size=job.page_size, num_workers=workers)
-            chunk = max(1, min(100, len(job.items) // (4 * workers)))
-            writer.from_indexed_dataset(CleanImages(job, progress, failures, failure_message), chunksize=chunk)
+            writer.from_indexed_dataset(CleanImages(job, progress, failures, failure_message),
+                                        chunksize=chunk_size(len(job.items), workers))
             progress.value = 0
             events.put(("done", job.split))
     except BaseException:  # noqa: BLE001 - report anything, then exit

@@ -32,16 +32,22 @@ void on_error(j_common_ptr cinfo) { longjmp(reinterpret_cast<ErrorManager*>(cinf
 void on_message(j_common_ptr, int) {}   // warnings (e.g. a truncated file) stay silent, as in FFCV
 void on_output(j_common_ptr) {}
 
+// libjpeg's error manager with errors turned into a longjmp to errors.jump and warnings silenced.
+jpeg_error_mgr* quiet_errors(ErrorManager& errors) {
+    jpeg_error_mgr* manager = jpeg_std_error(&errors.pub);
+    errors.pub.error_exit = on_error;
+    errors.pub.emit_message = on_message;
+    errors.pub.output_message = on_output;
+    return manager;
+}
+
 struct Decompressor {
     jpeg_decompress_struct cinfo;
     ErrorManager errors;
     std::vector<uint8_t> row;      // one decoded row of the (column-cropped) output
     std::vector<uint8_t> window;   // the decoded window, packed RGB
     Decompressor() {
-        cinfo.err = jpeg_std_error(&errors.pub);
-        errors.pub.error_exit = on_error;
-        errors.pub.emit_message = on_message;
-        errors.pub.output_message = on_output;
+        cinfo.err = quiet_errors(errors);
         jpeg_create_decompress(&cinfo);
     }
     ~Decompressor() { jpeg_destroy_decompress(&cinfo); }
@@ -49,9 +55,13 @@ struct Decompressor {
 
 thread_local Decompressor decompressor;
 
-// Work counters for the benchmark reports, summed over all threads.
+// Work counters for the benchmark reports, summed over all threads (crop_decode.COUNTERS names them in
+// the order of `counters`).
 std::atomic<uint64_t> samples{0}, decoded_pixels{0}, stored_pixels{0}, output_pixels{0}, full_decodes{0},
     scaled_decodes{0}, failures{0}, restart_decodes{0}, entropy_bytes{0}, entropy_bytes_read{0};
+std::atomic<uint64_t>* const counters[] = {&samples, &decoded_pixels, &stored_pixels, &output_pixels,
+                                           &full_decodes, &scaled_decodes, &failures, &restart_decodes,
+                                           &entropy_bytes, &entropy_bytes_read};
 
 // Pixels kept on each side of the window while decoding, so that chroma upsampling at the window's
 // edge sees the same neighbours as in a full decode (libjpeg treats a cropped edge as the image edge).
@@ -219,8 +229,14 @@ bool find_intervals(const uint8_t* s, uint64_t size, const Frame& f, std::vector
     }
 }
 
+// A file whose restart intervals the decoder can use: single-scan sequential, with intervals that tile its
+// MCU rows (a divisor of a row, or whole rows) and fit 32-bit offsets.
+bool usable_restarts(const uint8_t* source, uint64_t size, Frame& f) {
+    return size <= UINT32_MAX && parse_frame(source, size, f) && f.interval > 0 &&
+           (f.mcus_per_row % f.interval == 0 || f.interval % f.mcus_per_row == 0);
+}
+
 struct Restarts {
-    Frame frame;
     std::vector<uint32_t> starts, ends;
     std::vector<uint8_t> stream;   // the window's JPEG
     uint64_t bytes_read = 0, bytes_total = 0;   // entropy-coded bytes in it, and in the whole file
@@ -228,19 +244,14 @@ struct Restarts {
 
 thread_local Restarts restarts;
 
-int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
-                  unsigned y0, unsigned w, unsigned h, uint64_t* decoded);
-
 // Builds, in restarts.stream, the JPEG of only the restart intervals that cover the window (as decode_window
 // takes it: scaled by 1/denom) plus its margin, and sets *dx, *dy to the window's offset in it.
 // False when the file has no restart intervals that tile its rows, or they would skip nothing.
 bool window_stream(const uint8_t* source, uint64_t size, unsigned denom, unsigned x0, unsigned y0, unsigned w,
                    unsigned h, unsigned* dx, unsigned* dy) {
     Restarts& r = restarts;
-    Frame& f = r.frame;
-    f = Frame();
-    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return false;
-    if (f.mcus_per_row % f.interval != 0 && f.interval % f.mcus_per_row != 0) return false;   // rows not tiled
+    Frame f;
+    if (!usable_restarts(source, size, f)) return false;
     // The window in full-size pixels, widened by decode_window's MARGIN (scaled) on every side: chroma
     // upsampling reads one neighbouring chroma sample, which must come from the file, not from an edge.
     const unsigned pad = MARGIN * denom;
@@ -399,16 +410,11 @@ int fp_crop_resize(const uint8_t* pixels, unsigned height, unsigned width, unsig
 // Counters: samples, decoded pixels, stored pixels, output pixels, full decodes, scaled decodes, failures,
 // decodes from restart intervals, their entropy-coded bytes in all and the bytes of them decoded.
 void fp_read_counters(uint64_t* out) {
-    const std::atomic<uint64_t>* all[] = {&samples, &decoded_pixels, &stored_pixels, &output_pixels,
-                                          &full_decodes, &scaled_decodes, &failures, &restart_decodes,
-                                          &entropy_bytes, &entropy_bytes_read};
-    for (int i = 0; i < 10; ++i) out[i] = all[i]->load();
+    for (auto* counter : counters) *out++ = counter->load();
 }
 
 void fp_reset_counters() {
-    for (auto* counter : {&samples, &decoded_pixels, &stored_pixels, &output_pixels, &full_decodes,
-                          &scaled_decodes, &failures, &restart_decodes, &entropy_bytes, &entropy_bytes_read})
-        counter->store(0);
+    for (auto* counter : counters) counter->store(0);
 }
 
 // For benchmarks: entropy-decodes (Huffman only: no inverse DCT, upsampling or colour conversion) what
@@ -440,7 +446,7 @@ int fp_entropy_only(const uint8_t* source, uint64_t size, unsigned height, unsig
 // of the entropy-coded data); returns their count, 0 when the file has none it can use.
 unsigned fp_scan_intervals(const uint8_t* source, uint64_t size) {
     Frame f;
-    if (size > UINT32_MAX || !parse_frame(source, size, f) || f.interval == 0) return 0;
+    if (!usable_restarts(source, size, f)) return 0;
     return find_intervals(source, size, f, restarts.starts, restarts.ends) ? restarts.starts.size() : 0;
 }
 
@@ -460,10 +466,7 @@ int64_t fp_add_restarts(const uint8_t* source, uint64_t size, unsigned interval,
     ErrorManager errors;
     unsigned char* buffer = nullptr;
     unsigned long written = 0;
-    in.err = out.err = jpeg_std_error(&errors.pub);
-    errors.pub.error_exit = on_error;
-    errors.pub.emit_message = on_message;
-    errors.pub.output_message = on_output;
+    in.err = out.err = quiet_errors(errors);
     jpeg_create_decompress(&in);
     jpeg_create_compress(&out);
     if (setjmp(errors.jump)) {

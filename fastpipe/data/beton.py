@@ -178,6 +178,15 @@ def describe_fields(fields: list[tuple[str, int]]) -> str:
     return ", ".join(f"'{name}' ({FIELD_CLASSES.get(kind, f'type {kind}')})" for name, kind in fields) or "none"
 
 
+def by_pointer(pointers: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An allocation table's pointer and size columns ordered by pointer (contiguous copies), sorted only
+    when they are not in order already (FFCV's writer usually leaves them so)."""
+    if np.any(pointers[1:] < pointers[:-1]):
+        order = np.argsort(pointers)
+        return pointers[order], sizes[order]
+    return np.ascontiguousarray(pointers), np.ascontiguousarray(sizes)
+
+
 class BetonSamples:
     """Per-sample access to a beton's stored image bytes and labels, through a read-only memory map.
 
@@ -212,12 +221,8 @@ class BetonSamples:
         self.offset = metadata["image"]["data_ptr"].astype(np.int64)
         del metadata
         # The allocation table maps each region's start to its size; images are looked up by start.
-        starts, sizes = table["ptr"].astype(np.int64), table["size"].astype(np.int64)
+        starts, sizes = by_pointer(table["ptr"].astype(np.int64), table["size"].astype(np.int64))
         del table
-        if np.any(starts[1:] < starts[:-1]):   # FFCV's writer usually leaves them in order: no sort then
-            by_ptr = np.argsort(starts)
-            starts, sizes = starts[by_ptr], sizes[by_ptr]
-            del by_ptr
         where = np.searchsorted(starts, self.offset)
         if self.num_samples and (where.max() >= len(starts) or (starts[where] != self.offset).any()):
             raise BetonError(f"{self.path}: an image pointer is missing from the allocation table; "

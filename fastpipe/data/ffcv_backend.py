@@ -14,14 +14,13 @@ import warnings
 from collections.abc import Iterator
 
 import ffcv.loader.loader
-import numpy as np
 import torch
 from ffcv.memory_managers.base import MemoryManager
 from ffcv.memory_managers.os_cache import OSCacheContext, OSCacheManager
 
 from fastpipe.data import crop_decode
 from fastpipe.data.base import VAL_CROP_RATIO, LoaderBase
-from fastpipe.data.beton import IMAGE_FIELD, INT_FIELD, check_beton, read_fields
+from fastpipe.data.beton import IMAGE_FIELD, INT_FIELD, by_pointer, check_beton, read_fields
 from fastpipe.data.ffcv_decoders import NativeCenterCrop, SeededRandomResizedCrop, add_epoch_column
 
 ORDERS = ("random", "quasi_random")
@@ -53,13 +52,7 @@ class LeanOSCacheManager(OSCacheManager):
 
     def __init__(self, reader):   # the base class's sorted pointer and size columns only
         self.reader = reader
-        table = reader.alloc_table
-        pointers = table["ptr"]
-        if np.all(pointers[1:] >= pointers[:-1]):   # FFCV's writer usually leaves them in order
-            self.ptrs, self.sizes = np.ascontiguousarray(pointers), np.ascontiguousarray(table["size"])
-        else:
-            order = np.argsort(pointers)
-            self.ptrs, self.sizes = pointers[order], table["size"][order]
+        self.ptrs, self.sizes = by_pointer(reader.alloc_table["ptr"], reader.alloc_table["size"])
         # Nothing else reads the allocation table (24 bytes a sample): dropped, read again if the dicts are asked for.
         reader.alloc_table = None
         self.context = OSCacheContext(self)

@@ -73,16 +73,7 @@ class SampleTable:
         return len(self.labels)
 
     def names(self) -> list[str]:
-        if self.inline is not None:
-            return [name for name, _ in self.inline]
-        if self.entry["names"] is None:
-            return [f"{self.beton}#{index}" for index in range(len(self))]
-        blob = (self.data_dir / self.entry["names"]).read_bytes()
-        names = blob.decode().split("\0")[:-1]
-        if len(names) != len(self):
-            raise BetonError(f"{self.data_dir / self.entry['names']} holds {len(names)} names for {len(self)} samples. "
-                             f"Re-create it with `python -m convert ... --force`.")
-        return names
+        return [name for chunk in self.iter_names(max(len(self), 1)) for name in chunk]
 
     def iter_names(self, chunk: int = 65536) -> Iterator[list[str]]:
         """The names in order, `chunk` at a time: names.bin is read as a stream, so no list of every name is
