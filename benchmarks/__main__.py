@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {loaders,paired,autotune,compare,train-step,ddp,gpu,scale,convert,lr-sweep,quality} ...`.
+"""Command line: `python -m benchmarks COMMAND ...`, COMMAND one of SUBCOMMANDS below (`--help` lists them).
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> exit code`. Only the
 chosen subcommand's module is imported (they import torch, ~2 s), so `python -m benchmarks --help` is instant.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),
     "ddp": ("benchmarks.ddp", "step time under torchrun for each DDP broadcast_buffers/gradient_as_bucket_view"),
     "gpu": ("benchmarks.gpu", "the GPU run in one command: preflight, gpu tests, loaders, training, graphs"),
+    "restart-intervals": ("benchmarks.intervals", "crop-decoder time and bytes for each restart-interval length"),
     "scale": ("benchmarks.scale", "manifest size, first-batch time and loader RSS against the data set's size"),
     "convert": ("benchmarks.converter", "converter throughput, storage-mode table and peak memory"),
     # quality experiments on the small-image sets

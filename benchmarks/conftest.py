@@ -14,21 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.photos import photo_like
+
 
 def pytest_configure(config):
     # `make bench` writes runs/bench.json; pytest-benchmark does not create the folder itself.
     target = getattr(config.option, "benchmark_json", None)
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-
-
-def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Smooth colour gradients plus fine noise: decodes at a cost close to a real photo's."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([np.sin(x / rng.uniform(10, 60) + c) * np.cos(y / rng.uniform(10, 60) - c)
-                     for c in range(3)], axis=-1)
-    image = 127 + 90 * base + rng.normal(0, 18, size=(height, width, 3))
-    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

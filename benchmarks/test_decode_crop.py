@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from benchmarks.conftest import photo_like
+from benchmarks.photos import photo_like
 from fastpipe.data import crop_decode
 
 RESOLUTION = 160
@@ -66,7 +66,7 @@ def test_random_resized_crop_opencv_area(benchmark, decoded):
 def stored_jpegs(request):
     from ffcv.fields.rgb_image import get_random_crop  # ffcv compiles numba on import: only these benchmarks
 
-    from fastpipe.data.restarts import restart_interval
+    from fastpipe.data.restarts import mcu_columns, restart_interval
 
     side, marked = request.param
     rng = np.random.default_rng(side)   # the same images and crops with and without restart intervals
@@ -76,7 +76,7 @@ def stored_jpegs(request):
         width = side if height < side else int(rng.integers(side * 0.6, side))
         options = [cv2.IMWRITE_JPEG_QUALITY, 90]
         if marked:
-            options += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval(-(-width // 16))]
+            options += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval(mcu_columns(width))]
         encoded = cv2.imencode(".jpg", photo_like(rng, height, width), options)[1].reshape(-1)
         np.random.seed(len(samples))
         crop = get_random_crop(height, width, np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3]))
@@ -145,5 +145,18 @@ def test_restart_interval_scan(benchmark, stored_jpegs):
     def run():
         for encoded, *_ in stored_jpegs:
             crop_decode.scan_intervals(encoded)
+
+    benchmark(run)
+
+
+def test_whole_file_entropy_decoding(benchmark, stored_jpegs):
+    # Huffman decoding of every interval: against the same files without intervals, what the markers cost
+    # libjpeg-turbo, which decodes a stream with restart intervals on its slower per-symbol path throughout.
+    if not crop_decode.available():
+        pytest.skip(crop_decode.MISSING)
+
+    def run():
+        for encoded, height, width, _ in stored_jpegs:
+            crop_decode.entropy_only(encoded, height, width, 0, 0, height, width, height, width, 1)
 
     benchmark(run)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomllib
 
@@ -362,3 +363,57 @@ def test_paired_benchmark_alternates_folders_and_reports_ratios_to_the_first(bet
     assert len(rows[1]["ratios"].split()) == 3 and rows[1]["ratio"] > 0 and rows[1]["img_per_s"] > 0
     with pytest.raises(SystemExit, match="at least two"):
         main(["paired", "--data", str(betons), "--out", str(out)])
+
+
+def test_restart_interval_benchmark_gives_each_rule_its_bytes_and_reads(tmp_path):
+    out = tmp_path / "intervals"
+    assert main(["restart-intervals", "--count", "3", "--sides", "256", "--targets", "1,4,row", "--crops", "3",
+                 "--rounds", "1", "--out", str(out)]) == 0
+    rows = {row["rule"]: row for row in json.loads((out / "results.json").read_text())["results"]}
+    assert list(rows) == ["none", "1", "4", "row"]
+    assert [rows[rule]["interval_mcus"] for rule in rows] == [0, 1, 4, 16]
+    # every interval costs its marker and padding: the shorter, the more bytes
+    assert rows["none"]["bytes_over_pct"] == 0 < rows["row"]["bytes_over_pct"] < rows["4"]["bytes_over_pct"] \
+        < rows["1"]["bytes_over_pct"]
+    # and the shorter, the less of each row is read (none decodes the whole stream: no reads counted)
+    reads = {rule: rows[rule]["entropy_read_share"] for rule in rows}
+    assert reads["none"] == 0 and 0 < reads["1"] <= reads["4"] <= reads["row"] < 1
+    assert rows["1"]["restart_decodes_share"] > 0 and rows["none"]["restart_decodes_share"] == 0
+    assert all(row["us_per_crop"] > 0 and row["full_decode_us"] > 0 for row in rows.values())
+    assert (out / "restart-intervals.png").stat().st_size > 0
+
+
+def test_restart_interval_benchmark_reads_a_folder_of_photos_and_names_bad_arguments(tmp_path):
+    from PIL import Image
+
+    from benchmarks.photos import photo_like
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (height, width) in {"a.png": (150, 200), "b.jpg": (300, 180)}.items():
+        Image.fromarray(photo_like(rng, height, width)).save(photos / name)
+    out = tmp_path / "intervals"
+    assert main(["restart-intervals", "--images", str(photos), "--count", "3", "--sides", "128",
+                 "--targets", "2", "--crops", "2", "--rounds", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [row["rule"] for row in rows] == ["none", "2"] and rows[1]["bytes_over_pct"] > 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images in it"):
+        main(["restart-intervals", "--images", str(tmp_path / "empty"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no such folder"):
+        main(["restart-intervals", "--images", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="'x' is neither"):
+        main(["restart-intervals", "--targets", "4,x", "--out", str(out)])
+
+
+def test_the_photographs_scikit_image_ships_load_at_their_storage_size():
+    pytest.importorskip("skimage")
+    from benchmarks.photos import SKIMAGE_PHOTOS, load
+
+    images = load("skimage", 256, len(SKIMAGE_PHOTOS) + 1)
+    assert len(images) == len(SKIMAGE_PHOTOS) + 1
+    assert all(image.dtype == np.uint8 and image.ndim == 3 and max(image.shape[:2]) <= 256 for image in images)
+    assert max(max(image.shape[:2]) for image in images) == 256     # the large ones brought down to 256
+    assert np.array_equal(images[-1], images[0][:, ::-1])             # a second pass is mirrored
+    assert all(image.std() > 10 for image in images)                  # photographs, not flat fills

@@ -111,3 +111,10 @@ def test_convert_restart_keeps_what_it_cannot_rewrite_and_says_so(folder, tmp_pa
     assert reason == -1 and b"\xff\xdd" in rewritten
     assert main(["restart", str(tmp_path / "nothing-here")]) != 0
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_interval_divides_the_row_nearest_its_target():
+    assert restart_interval(32) == 4 and restart_interval(30) == 3 and restart_interval(40) == 4
+    assert restart_interval(31) == 31            # a prime row: one interval per row
+    assert restart_interval(31, target=1) == 1   # one-MCU intervals only when asked for (the benchmark's sweep)
+    assert restart_interval(30, target=2) == 2 and restart_interval(32, target=8) == 8
