@@ -59,9 +59,14 @@ def folder_files(path: str | Path) -> list[Path]:
     return files
 
 
+# Passes over a folder after the first: mirrored, upside down, both (then the same four again).
+TURNS = ((slice(None), slice(None)), (slice(None), slice(None, None, -1)), (slice(None, None, -1), slice(None)),
+         (slice(None, None, -1), slice(None, None, -1)))
+
+
 def load(source: str, side: int, count: int) -> list[np.ndarray]:
     """`count` images stored at `side` px (the longest side, as `convert --max-resolution`): generated, or
-    files cycled until there are `count` (each further pass mirrored, so no two are the same pixels)."""
+    files cycled until there are `count`, each pass turned another way (TURNS)."""
     if source == "generated":
         return generated(count, side, seed=side)
     from convert.validate import load_image
@@ -70,7 +75,5 @@ def load(source: str, side: int, count: int) -> list[np.ndarray]:
     images = []
     for index in range(count):
         image = load_image(files[index % len(files)], max_resolution=side)
-        if (index // len(files)) % 2:
-            image = np.ascontiguousarray(image[:, ::-1])
-        images.append(image)
+        images.append(np.ascontiguousarray(image[TURNS[(index // len(files)) % len(TURNS)]]))
     return images

@@ -411,9 +411,11 @@ def test_the_photographs_scikit_image_ships_load_at_their_storage_size():
     pytest.importorskip("skimage")
     from benchmarks.photos import SKIMAGE_PHOTOS, load
 
-    images = load("skimage", 256, len(SKIMAGE_PHOTOS) + 1)
-    assert len(images) == len(SKIMAGE_PHOTOS) + 1
+    count = len(SKIMAGE_PHOTOS)
+    images = load("skimage", 256, 2 * count + 1)
+    assert len(images) == 2 * count + 1
     assert all(image.dtype == np.uint8 and image.ndim == 3 and max(image.shape[:2]) <= 256 for image in images)
     assert max(max(image.shape[:2]) for image in images) == 256     # the large ones brought down to 256
-    assert np.array_equal(images[-1], images[0][:, ::-1])             # a second pass is mirrored
+    assert np.array_equal(images[count], images[0][:, ::-1])          # a second pass is mirrored,
+    assert np.array_equal(images[2 * count], images[0][::-1])         # a third upside down
     assert all(image.std() > 10 for image in images)                  # photographs, not flat fills
