@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "train-step": ("benchmarks.train_step", "model img/s on synthetic batches vs with each real loader"),
     "ddp": ("benchmarks.ddp", "step time under torchrun for each DDP broadcast_buffers/gradient_as_bucket_view"),
     "gpu": ("benchmarks.gpu", "the GPU run in one command: preflight, gpu tests, loaders, training, graphs"),
-    "restart-intervals": ("benchmarks.intervals", "crop-decoder time and bytes for each restart-interval length"),
+    "restart-intervals": ("benchmarks.restart_intervals", "crop-decoder time and bytes for each restart-interval length"),
     "scale": ("benchmarks.scale", "manifest size, first-batch time and loader RSS against the data set's size"),
     "convert": ("benchmarks.converter", "converter throughput, storage-mode table and peak memory"),
     # quality experiments on the small-image sets
