@@ -324,6 +324,44 @@ def test_damaged_restart_intervals_never_crash_or_read_past_the_sample():
             assert used in (1, 2, 4, 8) or (used < 0 and not out.any())
 
 
+def test_headers_cut_at_the_scan_header_are_refused_without_reading_past_them():
+    """A scan header whose length field claims fewer bytes than its component list needs, as the sample's
+    last bytes: the header parser stops at the length, never reading the byte after the sample."""
+    jpeg = bytes(encode(photo(np.random.default_rng(14), 32, 32), restart_marker_blocks=1))
+    sos = jpeg.index(b"\xff\xda")
+    for tail in (b"\xff\xda\x00\x02", b"\xff\xda\x00\x03\x03", b"\xff\xda\x00\x08\x03\x01\x00\x02"):
+        cut = guarded(np.frombuffer(jpeg[:sos] + tail, dtype=np.uint8))
+        assert crop_decode.scan_intervals(cut) == 0 and crop_decode.mcus_per_row(bytes(cut)) == 0
+        out, used = decode_window(cut, 32, 32, 0, 0, 16, 16)
+        assert used < 0 and not out.any()
+
+
+def test_a_stored_size_larger_than_the_file_is_a_counted_failure_with_or_without_intervals():
+    """The beton's size for a sample disagrees with the JPEG's own frame (a crop past the real image): both
+    paths refuse it and count it, rather than decoding an empty window into made-up pixels."""
+    pixels = photo(np.random.default_rng(15), 64, 64)
+    for jpeg in (encode(pixels), encode(pixels, restart_marker_blocks=2)):
+        for height, width, top, left in ((256, 256, 200, 200), (256, 64, 200, 0), (64, 4096, 0, 3000)):
+            before = crop_decode.read_counters()["failures"]
+            out, used = decode_window(jpeg, height, width, top, left, 40, 40)
+            assert used < 0 and not out.any()
+            assert crop_decode.read_counters()["failures"] == before + 1
+
+
+def test_a_lossless_rewrite_that_does_not_fit_asks_for_more_room():
+    """The rewrite writes straight into the caller's buffer; one too small returns 0 (and the Python side
+    retries with more), never a partial file."""
+    jpeg = bytes(encode(photo(np.random.default_rng(16), 96, 128)))
+    whole = crop_decode.add_restarts(jpeg, 2)
+    source = np.frombuffer(jpeg, dtype=np.uint8)
+    for capacity in (0, 100, len(whole) - 1):
+        room = np.zeros(max(capacity, 1), dtype=np.uint8)
+        assert crop_decode._add_restarts(source.ctypes.data, source.size, 2, room.ctypes.data, capacity) == 0
+    room = np.zeros(len(whole), dtype=np.uint8)
+    assert crop_decode._add_restarts(source.ctypes.data, source.size, 2, room.ctypes.data, len(whole)) == len(whole)
+    assert room.tobytes() == whole
+
+
 @pytest.mark.parametrize("subsampling", [2, 1])
 def test_restart_windows_with_edges_on_and_beside_mcu_boundaries_are_exact(subsampling):
     """Where a window's edge meets an interval's edge, chroma upsampling needs its neighbour from the file:

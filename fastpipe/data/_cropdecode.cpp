@@ -46,9 +46,12 @@ struct Decompressor {
     ErrorManager errors;
     std::vector<uint8_t> row;      // one decoded row of the (column-cropped) output
     std::vector<uint8_t> window;   // the decoded window, packed RGB
-    Decompressor() {
+    bool ready = false;            // false when libjpeg could not set it up: every decode then fails cleanly
+    Decompressor() : cinfo() {
         cinfo.err = quiet_errors(errors);
+        if (setjmp(errors.jump)) return;   // e.g. a libjpeg whose structures differ from the headers'
         jpeg_create_decompress(&cinfo);
+        ready = true;
     }
     ~Decompressor() { jpeg_destroy_decompress(&cinfo); }
 };
@@ -84,6 +87,7 @@ void cmyk_to_rgb(const uint8_t* cmyk, uint8_t* rgb, unsigned pixels) {
 int decode_window(Decompressor& d, const uint8_t* source, uint64_t size, unsigned denom, unsigned x0,
                   unsigned y0, unsigned w, unsigned h, uint64_t* decoded) {
     jpeg_decompress_struct* cinfo = &d.cinfo;
+    if (!d.ready) return -1;
     if (setjmp(d.errors.jump)) {
         jpeg_abort_decompress(cinfo);
         return -1;
@@ -190,8 +194,8 @@ bool parse_frame(const uint8_t* s, uint64_t size, Frame& f) {
         } else if (marker == 0xDD) {
             if (length != 4) return false;
             f.interval = be16(segment);
-        } else if (marker == 0xDA) {
-            if (!frame || segment[0] != components) return false;
+        } else if (marker == 0xDA) {   // Ns, a selector pair per component, Ss, Se, AhAl
+            if (!frame || length < 6 + 2 * static_cast<size_t>(components) || segment[0] != components) return false;
             f.entropy = pos + 2 + length;
             f.mcus_per_row = (f.width + f.mcu_w - 1) / f.mcu_w;
             f.mcu_rows = (f.height + f.mcu_h - 1) / f.mcu_h;
@@ -256,6 +260,8 @@ bool window_stream(const uint8_t* source, uint64_t size, unsigned denom, unsigne
     // upsampling reads one neighbouring chroma sample, which must come from the file, not from an edge.
     const unsigned pad = MARGIN * denom;
     const unsigned left = x0 * denom, right = (x0 + w) * denom, top = y0 * denom, bottom = (y0 + h) * denom;
+    // A window past the file's own frame (the stored size disagrees with the file): the usual path rejects it.
+    if (right > f.width || bottom > f.height) return false;
     unsigned c0 = (left > pad ? left - pad : 0) / f.mcu_w, c1 = (right + pad + f.mcu_w - 1) / f.mcu_w;
     unsigned r0 = (top > pad ? top - pad : 0) / f.mcu_h, r1 = (bottom + pad + f.mcu_h - 1) / f.mcu_h;
     c1 = std::min(c1, f.mcus_per_row);
@@ -348,6 +354,41 @@ void resize_into(cv::Mat crop, uint8_t* destination, unsigned out_h, unsigned ou
     if (flip) cv::flip(out, out, 1);
 }
 
+// A libjpeg destination that writes straight into the caller's buffer (jpeg_mem_dest would malloc, and on an
+// error after it grew its buffer the caller could not free the right one). Bytes past the capacity go to a
+// scratch block and are only counted: the caller then asks again with more room.
+struct FixedDestination {
+    jpeg_destination_mgr pub{};
+    uint64_t capacity = 0;
+    uint64_t spilled = 0;      // bytes that did not fit, in scratch blocks already filled
+    bool in_scratch = false;   // the caller's buffer is full (libjpeg asks for room as soon as it fills)
+    uint8_t scratch[4096];
+    static void init(j_compress_ptr) {}
+    static void term(j_compress_ptr) {}
+    static boolean empty(j_compress_ptr cinfo) {
+        auto* self = reinterpret_cast<FixedDestination*>(cinfo->dest);
+        if (self->in_scratch) self->spilled += sizeof self->scratch;
+        self->in_scratch = true;
+        self->pub.next_output_byte = self->scratch;
+        self->pub.free_in_buffer = sizeof self->scratch;
+        return TRUE;
+    }
+    void attach(j_compress_ptr cinfo, uint8_t* buffer, uint64_t room) {
+        pub.init_destination = init;
+        pub.empty_output_buffer = empty;
+        pub.term_destination = term;
+        pub.next_output_byte = buffer;
+        pub.free_in_buffer = capacity = room;
+        cinfo->dest = &pub;
+        if (room == 0) empty(cinfo);   // libjpeg writes a byte before it checks for room
+    }
+    // The bytes written, -1 when they did not all fit.
+    int64_t size() const {
+        if (!in_scratch) return static_cast<int64_t>(capacity - pub.free_in_buffer);
+        return spilled + (sizeof scratch - pub.free_in_buffer) > 0 ? -1 : static_cast<int64_t>(capacity);
+    }
+};
+
 }  // namespace
 
 extern "C" {
@@ -431,6 +472,7 @@ int fp_entropy_only(const uint8_t* source, uint64_t size, unsigned height, unsig
     const uint8_t* data = part ? restarts.stream.data() : source;
     const uint64_t length = part ? restarts.stream.size() : size;
     jpeg_decompress_struct* cinfo = &decompressor.cinfo;
+    if (!decompressor.ready) return -1;
     if (setjmp(decompressor.errors.jump)) {
         jpeg_abort_decompress(cinfo);
         return -1;
@@ -461,20 +503,18 @@ unsigned fp_mcus_per_row(const uint8_t* source, uint64_t size) {
 // into destination (capacity bytes); returns the new size, 0 when it does not fit, -1 for a file libjpeg rejects.
 int64_t fp_add_restarts(const uint8_t* source, uint64_t size, unsigned interval, uint8_t* destination,
                         uint64_t capacity) {
-    jpeg_decompress_struct in;
-    jpeg_compress_struct out;
+    jpeg_decompress_struct in{};   // zeroed: destroying one that was never created is a no-op
+    jpeg_compress_struct out{};
     ErrorManager errors;
-    unsigned char* buffer = nullptr;
-    unsigned long written = 0;
+    FixedDestination written;
     in.err = out.err = quiet_errors(errors);
-    jpeg_create_decompress(&in);
-    jpeg_create_compress(&out);
     if (setjmp(errors.jump)) {
         jpeg_destroy_compress(&out);
         jpeg_destroy_decompress(&in);
-        free(buffer);
         return -1;
     }
+    jpeg_create_decompress(&in);
+    jpeg_create_compress(&out);
     jpeg_mem_src(&in, source, static_cast<unsigned long>(size));
     // Beton JPEGs are FFCV's own encodes of decoded pixels (EXIF already applied): no marker worth copying.
     jpeg_read_header(&in, TRUE);
@@ -484,15 +524,13 @@ int64_t fp_add_restarts(const uint8_t* source, uint64_t size, unsigned interval,
     // Huffman tables fitted to the file (a second pass over the coefficients, as jpegtran -optimize): what
     // the markers add is won back, and the coefficients, hence the pixels, are unchanged.
     out.optimize_coding = TRUE;
-    jpeg_mem_dest(&out, &buffer, &written);
+    written.attach(&out, destination, capacity);
     jpeg_write_coefficients(&out, coefficients);
     jpeg_finish_compress(&out);
     jpeg_finish_decompress(&in);
-    int64_t result = written <= capacity ? static_cast<int64_t>(written) : 0;
-    if (result > 0) std::memcpy(destination, buffer, written);
+    const int64_t result = std::max<int64_t>(written.size(), 0);
     jpeg_destroy_compress(&out);
     jpeg_destroy_decompress(&in);
-    free(buffer);
     return result;
 }
 
