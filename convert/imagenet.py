@@ -50,13 +50,13 @@ def labels_from_csv(path: Path) -> dict[str, str]:
     """{image id: synset} from Kaggle's LOC_val_solution.csv (ImageId, PredictionString = "synset x y x y ...")."""
     if not path.is_file():
         raise ConvertError(f"Val labels file {path} does not exist.")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:   # -sig: a byte-order mark, as Excel saves it
         rows = list(csv.DictReader(handle))
     if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
         raise ConvertError(f"{path} is not LOC_val_solution.csv: expected the columns ImageId and PredictionString.")
     labels = {}
     for number, row in enumerate(rows, start=2):
-        words = row["PredictionString"].split()
+        words = (row["PredictionString"] or "").split()   # None: a row with fewer fields
         if not words or not SYNSET.fullmatch(words[0]):
             raise ConvertError(f"{path} line {number}: no synset in PredictionString {row['PredictionString']!r}.")
         labels[row["ImageId"]] = words[0]

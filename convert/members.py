@@ -92,12 +92,22 @@ def scan_progress(console, paths: list[Path], what: str) -> Iterator[ScanProgres
         yield ScanProgress(progress, paths, what)
 
 
+def ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
+    """Whether the member list ended at the tar's end-of-archive block. tarfile also ends it, silently, at a
+    header it cannot read (a corrupt one, or a file cut at or inside one), which would lose every later member."""
+    if archive.offset + tarfile.BLOCKSIZE > size:
+        return False
+    archive.fileobj.seek(archive.offset)
+    return archive.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+
+
 def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
              ) -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
     """(Member, its TarInfo) for every regular file of the tar at `path`, in archive order (Member None when
     the data is not stored in one piece). A truncated or corrupt archive raises ConvertError naming it and
-    the last member read: tarfile takes a file cut inside a member's data for the end of the archive, so the
-    last member's end is checked against the file's size too. `progress` hears each member's end."""
+    the last member read: tarfile takes a file cut inside a member's data, at a header or inside one, and a
+    corrupt header for the end of the archive, so the last member's end is checked against the file's size
+    and the end against the end-of-archive block. `progress` hears each member's end."""
     last, end, size = "(none)", 0, path.stat().st_size if path.is_file() else 0
     with open_tar(path) as archive:
         try:
@@ -111,9 +121,13 @@ def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
                     progress.at(path, end)
                 whole = info.sparse is None
                 yield (Member(str(path), info.offset_data, info.size, prefix + info.name) if whole else None), info
+            clean = end > size or ends_cleanly(archive, size)
         except (tarfile.ReadError, EOFError, OSError) as err:
             raise ConvertError(f"{path} is truncated or corrupt after member {last} ({err}); download it "
                                f"again (nothing was written).") from err
+    if not clean:
+        raise ConvertError(f"{path} is truncated or corrupt after member {last}: no readable header and no "
+                           f"end-of-archive block follows it; download it again (nothing was written).")
     if end > size:
         raise ConvertError(f"{path} is truncated: member {last} ends at byte {end:,}, the file at {size:,}; "
                            f"download it again (nothing was written).")
@@ -129,6 +143,9 @@ def nested_members(archive_path: Path, info: tarfile.TarInfo) -> list[Member]:
                 if entry.isfile() and entry.sparse is None:
                     members.append(Member(str(archive_path), info.offset_data + entry.offset_data, entry.size,
                                           f"{Path(info.name).stem}/{entry.name}"))
+            if not ends_cleanly(inner, info.size):
+                last = members[-1].name if members else "(none)"
+                raise tarfile.ReadError(f"no readable header and no end-of-archive block after {last}")
     except (tarfile.ReadError, EOFError, OSError) as err:
         raise ConvertError(f"{info.name} inside {archive_path} is not a readable tar ({err}); the archive is "
                            f"damaged: download it again (nothing was written).") from err

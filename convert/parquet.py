@@ -83,7 +83,7 @@ def parquet_rows(paths: list[Path], image_column: str, label_column: str):
             labels = handle.read_row_group(group, columns=[label_column]).column(0).to_pylist()
             for row, label in enumerate(labels):
                 name = f"{path.name}/rg{group}/row{row}"
-                if label is None or not isinstance(label, int) or label < 0:
+                if label is None or not isinstance(label, int) or isinstance(label, bool) or label < 0:
                     skipped.append({"path": name, "reason": f"no usable label in {label_column!r} ({label!r})"})
                     continue
                 rows.append((ParquetRow(str(path), group, row, image_column, name), label))
@@ -99,7 +99,10 @@ def parquet_source(train: str, val: str | None = None, image_column: str = "imag
     if val is not None:
         splits["val"], skipped["val"], _ = parquet_rows(expand_pattern(val, "--val"), image_column, label_column)
     if not splits["train"]:
-        raise ConvertError(f"No usable rows in {train} ({len(skipped['train'])} without a label).")
+        left = skipped["train"]
+        example = f", e.g. {left[0]['path']}: {left[0]['reason']}" if left else ""
+        raise ConvertError(f"No usable rows in {train} ({len(left)} without a usable label{example}); labels "
+                           f"must be non-negative integers (--label-column names the column).")
     names = class_names(1 + max(label for items in splits.values() for _, label in items), classes, found)
     if val is None:
         splits = split_by_label(splits["train"], val_fraction, seed)

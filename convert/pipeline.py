@@ -36,7 +36,7 @@ from fastpipe.data.beton import (
     sha256_file,
     write_json_atomic,
 )
-from fastpipe.data.sample_table import write_sample_table
+from fastpipe.data.sample_table import SampleTable, write_sample_table
 from fastpipe.versions import package_versions
 
 SPLITS = ("train", "val")
@@ -81,9 +81,10 @@ def fingerprint(source: Source, settings: dict[str, WriteSettings]) -> str:
                 where = repr(path)
             else:
                 stat, where = path.stat(), str(path)
-            digest.update(f"{split}\0{where}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{split}\0{where}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                          .encode(errors="surrogateescape"))   # file names in another encoding: their bytes
     for split, paths in source.loose.items():   # they are listed in the manifest, so they count too
-        digest.update("".join(f"loose\0{split}\0{path}\n" for path in paths).encode())
+        digest.update("".join(f"loose\0{split}\0{path}\n" for path in paths).encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
@@ -95,6 +96,7 @@ def up_to_date(out: Path, digest: str) -> dict | None:
             return None
         for split in SPLITS:
             check_beton(out, split, manifest)
+            SampleTable(out, manifest, split).names_path()   # the per-sample tables are outputs too
     except BetonError:
         return None
     return manifest

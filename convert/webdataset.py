@@ -33,6 +33,9 @@ def parse_label(data: bytes, label_key: str, where: str) -> int:
                 value = value[part]
         else:
             value = text
+        digits = isinstance(value, str) and value.strip().lstrip("+-").isdigit()
+        if isinstance(value, (bool, float)) or (isinstance(value, str) and not digits):
+            raise ValueError(value)   # 1.9 or true is not a class: int() would take them as 1
         label = int(value)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"label {label_key} of {where} is not an integer ({text[:40]!r})") from err
@@ -54,15 +57,30 @@ def shard_samples(paths: list[Path], label_key: str, console=None, what: str = "
 def shard_members(path: Path, label_key: str, samples: list, skipped: list, progress: ScanProgress) -> None:
     """Appends one shard's (image member, label) pairs to `samples` and what it leaves out to `skipped`."""
     label_ext = label_key.split(".")[0] if label_key.startswith("json.") else label_key
-    groups: dict[str, dict[str, Member]] = {}
+    # A sample is a run of consecutive members with one key, as WebDataset reads them: a key seen again later,
+    # or an extension twice in one run, is another sample or a broken one, never merged silently.
+    groups: list[tuple[str, dict[str, Member]]] = []
     for member, info in scan_tar(path, prefix=f"{path.name}/", progress=progress):
         key, extension = split_key(info.name)
         if member is None:
             skipped.append({"path": f"{path.name}/{info.name}", "reason": "stored sparse: cannot be read in place"})
             continue
-        groups.setdefault(key, {})[extension] = member
-    for key, members in groups.items():
+        if not groups or groups[-1][0] != key:
+            groups.append((key, {}))
+        members = groups[-1][1]
+        if extension in members:
+            skipped.append({"path": f"{path.name}/{info.name}",
+                            "reason": f"a second .{extension} member for key {key} in a row (duplicate member)"})
+            continue
+        members[extension] = member
+    seen: set[str] = set()
+    for key, members in groups:
         where = f"{path.name}/{key}"
+        if key in seen:
+            skipped.append({"path": where, "reason": "duplicate key: its members appear again, apart from its "
+                                                      "first ones (shards must keep each sample's members together)"})
+            continue
+        seen.add(key)
         image = next((members[ext] for ext in members if f".{ext}" in IMAGE_EXTENSIONS), None)
         if image is None:
             skipped.append({"path": where, "reason": NO_IMAGE})

@@ -15,7 +15,7 @@ from conftest import jpeg_bytes
 from PIL import Image
 
 from convert.__main__ import main
-from fastpipe.data.beton import BetonSamples, read_manifest
+from fastpipe.data.beton import BetonError, BetonSamples, read_manifest
 from fastpipe.data.sample_table import split_samples
 
 SYNSETS = ["n00000003", "n00000001", "n00000002"]   # archive order is not label order: labels are sorted synsets
@@ -127,6 +127,22 @@ def test_an_up_to_date_archive_conversion_is_a_no_op(imagenet, tmp_path, capsys)
     assert convert_imagenet(imagenet, tmp_path / "out", *labels) == 0
     assert "Up to date" in capsys.readouterr().err
     assert (tmp_path / "out" / "train.beton").stat().st_mtime_ns == before
+    # the per-sample tables are outputs too: one gone is a clear error for its readers, and a re-run remakes it
+    (tmp_path / "out" / "val.names.bin").unlink()
+    with pytest.raises(BetonError, match="val.names.bin .* is missing. Re-create it"):
+        split_samples(tmp_path / "out", "val")
+    assert convert_imagenet(imagenet, tmp_path / "out", *labels) == 0
+    assert "Up to date" not in capsys.readouterr().err and len(split_samples(tmp_path / "out", "val")) > 0
+
+
+def test_val_label_csvs_saved_with_a_byte_order_mark_or_a_short_row(imagenet, tmp_path, capsys):
+    text = (imagenet["root"] / "LOC_val_solution.csv").read_text()
+    (tmp_path / "bom.csv").write_text("\ufeff" + text)   # as spreadsheet programs save it
+    assert convert_imagenet(imagenet, tmp_path / "bom", "--val-labels", str(tmp_path / "bom.csv")) == 0
+    lines = text.splitlines()
+    (tmp_path / "short.csv").write_text("\n".join([lines[0], lines[1].split(",")[0], *lines[2:]]) + "\n")
+    assert convert_imagenet(imagenet, tmp_path / "short", "--val-labels", str(tmp_path / "short.csv")) == 1
+    assert "short.csv line 2: no synset" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -243,6 +259,66 @@ def test_shards_and_a_folder_of_the_same_images_make_the_same_betons(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- parquet
+@pytest.mark.parametrize("damage", ["cut_at_a_member", "cut_in_a_header", "corrupt_header"])
+def test_a_shard_damaged_between_members_is_an_error_not_a_shorter_shard(tmp_path, capsys, damage):
+    """tarfile ends its member list quietly at a header it cannot read or at a cut between members: the scan
+    checks for the end-of-archive block, so the members after the damage are never lost unreported."""
+    files = {f"s{i}.{ext}": (picture(i % 3, i) if ext == "jpg" else str(i % 3).encode())
+             for i in range(4) for ext in ("jpg", "cls")}
+    data = bytearray(tar_bytes(files))
+    third = data.index(b"s2.jpg")   # the third sample's header
+    if damage == "cut_at_a_member":
+        data = data[:third]
+    elif damage == "cut_in_a_header":
+        data = data[:third + 100]
+    else:
+        data[third + 148:third + 156] = b"garbage!"   # its checksum field
+    (tmp_path / "train-0.tar").write_bytes(bytes(data))
+    assert main(["webdataset", "--train", str(tmp_path / "train-0.tar"), "--out", str(tmp_path / "out"),
+                 *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "truncated or corrupt after member s1.cls" in err and "download it again" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_duplicate_keys_and_members_are_listed_not_merged_and_labels_must_be_integers(tmp_path):
+    """A sample is a run of members with one key, as WebDataset reads it: a key that comes back later and an
+    extension twice in a row are listed, not merged into another sample; 1.9 or true is not a label."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in [("dup.jpg", picture(0, 0)), ("dup.cls", b"0"), ("dup.json", b'{"label": 0}'),
+                           ("twice.jpg", picture(1, 1)), ("twice.cls", b"1"), ("twice.cls", b"2"),
+                           ("twice.json", b'{"label": 1}'),
+                           ("float.jpg", picture(2, 2)), ("float.cls", b"2"), ("float.json", b'{"label": 1.9}'),
+                           ("yes.jpg", picture(2, 3)), ("yes.cls", b"2"), ("yes.json", b'{"label": true}'),
+                           ("dup.jpg", picture(1, 4)), ("dup.cls", b"1")]:   # the key again, further on
+            add(archive, name, data)
+    (tmp_path / "train-0.tar").write_bytes(buffer.getvalue())
+    (tmp_path / "val-0.tar").write_bytes(tar_bytes({f"v{i}.{ext}": (picture(i, i) if ext == "jpg" else
+                                                                    json.dumps({"label": i}).encode())
+                                                    for i in range(3) for ext in ("jpg", "json")}))
+    expected = {"cls": {"dup": 0, "twice": 1, "float": 2, "yes": 2}, "json.label": {"dup": 0, "twice": 1}}
+    for label_key, labels in expected.items():
+        out = tmp_path / label_key
+        val = ["--val", str(tmp_path / "val-0.tar")] if label_key != "cls" else ["--val-fraction", "0.5"]
+        assert main(["webdataset", "--train", str(tmp_path / "train-0.tar"), *val, "--label-key", label_key,
+                     "--out", str(out), *FAST]) == 0
+        manifest = read_manifest(out)
+        written = dict(split_samples(out, "train") + (split_samples(out, "val") if label_key == "cls" else []))
+        assert written == {f"train-0.tar/{key}.jpg": label for key, label in labels.items()}
+        reasons = {item["path"]: item["reason"] for split in ("train", "val")
+                   for item in manifest["splits"][split]["skipped"]}
+        assert "duplicate key" in reasons["train-0.tar/dup"]
+        assert "duplicate member" in reasons["train-0.tar/twice.cls"]
+        if label_key == "json.label":
+            assert "not an integer" in reasons["train-0.tar/float"] and "not an integer" in reasons["train-0.tar/yes"]
+    from convert.webdataset import parse_label
+    for text in (b'{"label": 1.9}', b'{"label": true}', b'{"label": "x"}'):
+        with pytest.raises(ValueError, match="not an integer"):
+            parse_label(text, "json.label", "k")
+    assert parse_label(b'{"label": 3}', "json.label", "k") == 3 and parse_label(b" 2\n", "cls", "k") == 2
+
+
 def write_parquet(path: Path, rows: list[tuple[bytes | None, int | None]], *, struct: bool = True,
                   names: list[str] | None = None, row_group_size: int = 3) -> None:
     """The Hugging Face datasets layout: image {bytes, path} (or plain binary), label, ClassLabel names."""
@@ -279,6 +355,17 @@ def test_parquet_shards_convert_with_class_names_from_the_metadata_and_bad_rows_
     for index, (_, label) in enumerate(split_samples(out, "train")):   # each pixel colour says the label it got
         pixels = samples.encoded(index).reshape(samples.height[index], samples.width[index], 3)
         assert int(np.argmax(pixels[:, -1].mean(axis=0))) == label
+
+
+def test_a_boolean_label_column_is_listed_as_unusable_rows_not_a_crash(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [{"bytes": picture(i % 2, i), "path": f"img{i}.jpg"} for i in range(4)]
+    pq.write_table(pa.table({"image": images, "label": [True, False, True, False]}), tmp_path / "a.parquet")
+    assert main(["parquet", "--train", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "No usable" in err and "no usable label in 'label' (True)" in err
 
 
 def test_parquet_errors_name_the_file_and_the_column(tmp_path, capsys):

@@ -81,3 +81,39 @@ def test_converted_manifests_hold_no_per_sample_lists(betons):
     # what is left per sample is the skipped list (none here): the manifest's size does not grow with the set
     assert len(text) < 8_000, len(text)
     assert json.loads(text)["splits"]["train"]["sample_table"]["rows"] == "train.samples.npy"
+
+
+def test_file_names_that_are_not_utf8_convert_load_and_are_written_to_predictions(tmp_path):
+    """A Latin-1 file name (bytes that are not UTF-8, as old archives and Windows copies have): converted,
+    kept byte for byte in the sample table so the torch baseline opens it, escaped in predictions.csv."""
+    import os
+
+    from PIL import Image
+
+    from convert.__main__ import main
+    from fastpipe.data import build_loader
+    from fastpipe.evaluate import EvalResult, manifest_sample_ids, write_predictions
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = os.fsencode(tmp_path / "images" / split / label)
+            os.makedirs(folder)
+            for index in range(3):
+                name = os.path.join(folder, b"caf\xe9-%d.jpg" % index if index == 0 else b"%d.jpg" % index)
+                Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(os.fsdecode(name), "JPEG")
+    out = tmp_path / "out"
+    assert main(["folder", str(tmp_path / "images"), "--out", str(out), "--workers", "1", "--write-mode", "raw"]) == 0
+    names = [name for name, _ in split_samples(out, "val")]
+    assert "val/a/caf\udce9-0.jpg" in names and os.fsencode(names[2]) == b"val/a/caf\xe9-0.jpg"
+    loader = build_loader("torch", out, "val", batch_size=3, resolution=16, workers=1, seed=0)
+    assert sum(len(batch) for batch, _ in loader) == 6
+    assert main(["folder", str(tmp_path / "images"), "--out", str(out), "--workers", "1", "--write-mode",
+                 "raw"]) == 0   # the fingerprint takes the name too (an up-to-date re-run)
+    labels = np.array([label for _, label in split_samples(out, "val")])
+    manifest = read_manifest(out)
+    result = EvalResult(loss=1.0, top1=1.0, top5=1.0, targets=labels, preds=labels,
+                        confidences=np.ones(6, dtype=np.float32), count=6, topk=2, num_classes=2,
+                        classes=["a", "b"], sample_ids=manifest_sample_ids(manifest, "val", labels, out))
+    text = write_predictions(result, tmp_path / "predictions.csv").read_text(encoding="utf-8")
+    assert "val/a/caf\\xe9-0.jpg" in text

@@ -4,7 +4,9 @@ At ImageNet scale a list of [name, label] pairs in manifest.json is ~90 MB of JS
 parsed into ~1.3M Python objects. The manifest now names two files per split: `<split>.samples.npy`, one
 fixed-size row per sample (label, the name's byte range, width, height), memory-mapped by whoever reads it,
 and `<split>.names.bin`, the names as NUL-separated UTF-8, read only by what needs paths (the torch baseline,
-predictions.csv). Manifests of earlier releases, with the list inline, keep loading.
+predictions.csv). Manifests of earlier releases, with the list inline, keep loading. A name that is not UTF-8
+(a file name in another encoding) keeps its bytes: it reads back as Python's surrogate-escaped str, which opens
+the same file.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def write_sample_table(out: str | os.PathLike, split: str, names: list[str] | No
     rows["height"] = 0 if heights is None else heights
     entry = {"rows": f"{split}.samples.npy", "count": len(labels), "names": None}
     if names is not None:
-        encoded = [name.encode() for name in names]
+        encoded = [name.encode(errors="surrogateescape") for name in names]   # a non-UTF-8 file name's bytes kept
         lengths = np.fromiter((len(name) + 1 for name in encoded), dtype=np.int64, count=len(encoded))
         rows["name_end"] = np.cumsum(lengths) - 1
         rows["name_start"] = rows["name_end"] - (lengths - 1)
@@ -84,11 +86,11 @@ class SampleTable:
                 yield ([name for name, _ in self.inline[start:stop]] if self.inline is not None
                        else [f"{self.beton}#{index}" for index in range(start, stop)])
             return
-        path, pending, count, tail = self.data_dir / self.entry["names"], [], 0, b""
+        path, pending, count, tail = self.names_path(), [], 0, b""
         with open(path, "rb") as handle:
             while block := handle.read(1 << 20):
                 *done, tail = (tail + block).split(b"\0")
-                pending.extend(name.decode() for name in done)
+                pending.extend(name.decode(errors="surrogateescape") for name in done)
                 while len(pending) >= chunk:
                     count += chunk
                     yield pending[:chunk]
@@ -99,6 +101,16 @@ class SampleTable:
                              f"Re-create it with `python -m convert ... --force`.")
         if pending:
             yield pending
+
+    def names_path(self) -> Path | None:
+        """names.bin when the split has one (it must exist then: a clear error says how to re-create it)."""
+        if self.inline is not None or self.entry["names"] is None:
+            return None
+        path = self.data_dir / self.entry["names"]
+        if not path.is_file():
+            raise BetonError(f"{path} (the sample names the manifest names) is missing. Re-create it with "
+                             f"`python -m convert ... --out {self.data_dir} --force`.")
+        return path
 
     def pairs(self) -> list[list]:
         return [[name, int(label)] for name, label in zip(self.names(), self.labels)]

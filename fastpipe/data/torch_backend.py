@@ -26,6 +26,17 @@ TORCHVISION_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
 ARCHIVE_LAYOUTS = ("imagenet_archives", "webdataset", "parquet")   # convert imagenet / webdataset / parquet
 
 
+
+def read_bytes(path: Path) -> torch.Tensor:
+    """The file as a uint8 tensor: torchvision's reader, or Python's for a file name that is not UTF-8
+    (kept surrogate-escaped in the sample table), which torchvision cannot take."""
+    name = str(path)
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    return read_file(name)
+
 class ManifestImages(Dataset):
     """Item (index, resolution, epoch) -> (HxWx3 uint8 image, label); resolution and epoch travel with the
     index so persistent workers follow `set_resolution` without a restart, and each train sample's
@@ -56,7 +67,7 @@ class ManifestImages(Dataset):
         path = self.root / self.samples[index][0]
         with warnings.catch_warnings():   # torchvision 0.29 points to torchcodec; these still work
             warnings.simplefilter("ignore", DeprecationWarning)
-            data = read_file(str(path))
+            data = read_bytes(path)
             if sniff_format(data[:SNIFF_BYTES].numpy().tobytes()) in TORCHVISION_FORMATS:
                 image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
                 if image.dtype == torch.uint8:

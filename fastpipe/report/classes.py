@@ -72,6 +72,11 @@ def id_chunks(sample_ids, count: int, chunk: int):
         yield np.arange(start, stop) if sample_ids is None else list(sample_ids[start:stop])
 
 
+def printable(name):
+    """A name UTF-8 can hold: the bytes of a non-UTF-8 file name as \\xNN escapes."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace") if isinstance(name, str) else name
+
+
 def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -> Path:
     """predictions.csv: one row per sample with path (or index), true, predicted (class names when known)
     and confidence (softmax probability of the prediction). `sample_ids` (a sequence of paths or a
@@ -87,9 +92,12 @@ def write_predictions(result, path: str | Path, sample_ids=None, classes=None) -
     with open(path, "w", newline="") as handle:
         for ids in id_chunks(sample_ids, result.count, ROWS_PER_WRITE):
             stop = start + len(ids)
-            frame = pd.DataFrame({first: ids, "true": names[result.targets[start:stop]],
-                                  "predicted": names[result.preds[start:stop]],
-                                  "confidence": result.confidences[start:stop]})
+            columns = {"true": names[result.targets[start:stop]], "predicted": names[result.preds[start:stop]],
+                       "confidence": result.confidences[start:stop]}
+            try:
+                frame = pd.DataFrame({first: ids, **columns})
+            except UnicodeEncodeError:   # a file name that is not UTF-8 (kept surrogate-escaped): \xNN escapes
+                frame = pd.DataFrame({first: [printable(name) for name in ids], **columns})
             frame.to_csv(handle, header=start == 0, index=False, float_format="%.6f")
             start = stop
         if start == 0:
