@@ -28,8 +28,8 @@ def train_members(path: Path, progress: ScanProgress | None = None) -> dict[str,
         if not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
             raise ConvertError(f"{path} holds {info.name}, not a per-synset tar such as n01440764.tar: is this "
                                f"ILSVRC2012_img_train.tar? (For an extracted folder use `python -m convert folder`.)")
-        found[stem] = [member for member in nested_members(path, info)
-                       if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS]
+        found.setdefault(stem, []).extend(   # a synset's tar twice: both kept
+            member for member in nested_members(path, info) if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS)
     if not found:
         raise ConvertError(f"{path} holds no per-synset tars: is this ILSVRC2012_img_train.tar?")
     empty = [synset for synset, members in found.items() if not members]
@@ -54,12 +54,17 @@ def labels_from_csv(path: Path) -> dict[str, str]:
         rows = list(csv.DictReader(handle))
     if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
         raise ConvertError(f"{path} is not LOC_val_solution.csv: expected the columns ImageId and PredictionString.")
-    labels = {}
+    labels, lines = {}, {}
     for number, row in enumerate(rows, start=2):
         words = (row["PredictionString"] or "").split()   # None: a row with fewer fields
         if not words or not SYNSET.fullmatch(words[0]):
             raise ConvertError(f"{path} line {number}: no synset in PredictionString {row['PredictionString']!r}.")
-        labels[row["ImageId"]] = words[0]
+        image_id = row["ImageId"]
+        if labels.get(image_id, words[0]) != words[0]:
+            raise ConvertError(f"{path} lines {lines[image_id]} and {number} give {image_id} two labels "
+                               f"({labels[image_id]}, {words[0]}): which is right?")
+        labels[image_id] = words[0]
+        lines.setdefault(image_id, number)
     return labels
 
 
@@ -82,10 +87,14 @@ def read_devkit(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             truth = devkit.extractfile(files["ILSVRC2012_validation_ground_truth.txt"]).read().decode().split()
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ConvertError(f"{path} is not a readable devkit archive ({err}).") from err
-    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-    leaves = [row for row in synsets if int(row["num_children"]) == 0]   # the 1,000 classes
-    by_id = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in leaves}
-    words = {str(row["WNID"]): str(row["words"]) for row in leaves}
+    try:
+        synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        leaves = [row for row in synsets if int(row["num_children"]) == 0]   # the 1,000 classes
+        by_id = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in leaves}
+        words = {str(row["WNID"]): str(row["words"]) for row in leaves}
+    except Exception as err:   # scipy raises ValueError, TypeError, KeyError, IndexError... for a damaged file
+        raise ConvertError(f"data/meta.mat in {path} is not ILSVRC2012's class table ({type(err).__name__}: "
+                           f"{err}); download the devkit again, or pass --val-labels LOC_val_solution.csv.") from err
     try:
         labels = {f"ILSVRC2012_val_{index:08d}": by_id[int(value)] for index, value in enumerate(truth, start=1)}
     except KeyError as err:

@@ -143,6 +143,21 @@ def test_val_label_csvs_saved_with_a_byte_order_mark_or_a_short_row(imagenet, tm
     (tmp_path / "short.csv").write_text("\n".join([lines[0], lines[1].split(",")[0], *lines[2:]]) + "\n")
     assert convert_imagenet(imagenet, tmp_path / "short", "--val-labels", str(tmp_path / "short.csv")) == 1
     assert "short.csv line 2: no synset" in capsys.readouterr().err
+    first_id = lines[1].split(",")[0]
+    other = next(synset for synset in SYNSETS if synset not in lines[1])
+    (tmp_path / "twice.csv").write_text("\n".join([*lines, lines[1], f"{first_id},{other} 1 2 3 4"]) + "\n")
+    assert convert_imagenet(imagenet, tmp_path / "twice", "--val-labels", str(tmp_path / "twice.csv")) == 1
+    err = capsys.readouterr().err   # the same row twice is harmless; a second, other label is not
+    assert f"lines 2 and {len(lines) + 2} give {first_id} two labels" in err
+
+
+def test_a_devkit_whose_class_table_is_damaged_is_a_clear_error(imagenet, tmp_path, capsys):
+    devkit = tar_bytes({"ILSVRC2012_devkit_t12/data/meta.mat": b"MATLAB 5.0 MAT-file, cut short",
+                        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": b"1\n"})
+    (tmp_path / "devkit.tar.gz").write_bytes(gzip.compress(devkit))
+    assert convert_imagenet(imagenet, tmp_path / "out", "--devkit", str(tmp_path / "devkit.tar.gz")) == 1
+    err = capsys.readouterr().err
+    assert "meta.mat" in err and "not ILSVRC2012's class table" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("damage, message", [
