@@ -25,6 +25,12 @@ def _pyarrow():
     return pq
 
 
+def _image_path(file: str, row_group: int, column: str, row: int) -> str | None:
+    """The `path` of a {bytes, path} image cell (for the reason a cell without bytes is left out)."""
+    values = _pyarrow().ParquetFile(file).read_row_group(row_group, columns=[column]).column(0).combine_chunks()
+    return values.field("path")[row].as_py() if hasattr(values, "field") else None
+
+
 @lru_cache(maxsize=2)   # per process: the workers read samples in order, a row group after another
 def _row_group_images(file: str, row_group: int, column: str) -> list:
     table = _pyarrow().ParquetFile(file).read_row_group(row_group, columns=[column])
@@ -46,7 +52,10 @@ class ParquetRow:
     def read_bytes(self) -> bytes:
         data = _row_group_images(self.file, self.row_group, self.column)[self.row]
         if data is None:
-            raise OSError("the image cell is empty")
+            path = _image_path(self.file, self.row_group, self.column, self.row)
+            raise OSError(f"the image cell holds no bytes, only a path ({path}): images kept as files beside the "
+                          f"parquet are not read; embed them (datasets' `cast_column(..., Image())` then "
+                          f"`to_parquet`)" if path else "the image cell is empty")
         return data
 
 

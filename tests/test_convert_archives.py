@@ -383,6 +383,20 @@ def test_a_boolean_label_column_is_listed_as_unusable_rows_not_a_crash(tmp_path,
     assert "No usable" in err and "no usable label in 'label' (True)" in err
 
 
+def test_an_image_cell_with_only_a_path_is_listed_with_what_to_do(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [{"bytes": None if i == 2 else picture(i % 3, i), "path": f"img{i}.jpg"} for i in range(6)]
+    pq.write_table(pa.table({"image": images, "label": [i % 3 for i in range(6)]}), tmp_path / "a.parquet")
+    assert main(["parquet", "--train", str(tmp_path / "a.parquet"), "--val-fraction", "0.5", "--out",
+                 str(tmp_path / "out"), *FAST]) == 0
+    manifest = read_manifest(tmp_path / "out")
+    reasons = {item["path"]: item["reason"] for split in ("train", "val")
+               for item in manifest["splits"][split]["skipped"]}
+    assert list(reasons) == ["a.parquet/rg0/row2"] and "only a path (img2.jpg)" in reasons["a.parquet/rg0/row2"]
+
+
 def test_parquet_errors_name_the_file_and_the_column(tmp_path, capsys):
     write_parquet(tmp_path / "a.parquet", [(picture(0, 0), 0)] * 4)
     out = ["--out", str(tmp_path / "out"), *FAST]
