@@ -14,22 +14,37 @@ import re
 import tarfile
 from pathlib import Path
 
-from convert.members import Member, ScanProgress, nested_members, scan_progress, scan_tar
+from convert.members import Member, ScanProgress, nested_members, scan_progress, scan_tar, unreadable
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source
 
 SYNSET = re.compile(r"n\d{8}")
 
 
-def train_members(path: Path, progress: ScanProgress | None = None) -> dict[str, list[Member]]:
-    """{synset: its images} from the train archive (one uncompressed tar per synset inside)."""
+def images_only(members: list[Member], skipped: list[dict]) -> list[Member]:
+    """The members with an image's file name; the others go to `skipped` with the reason."""
+    kept = []
+    for member in members:
+        if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
+            kept.append(member)
+        else:
+            skipped.append({"path": member.name, "reason": "not an image file name"})
+    return kept
+
+
+def train_members(path: Path, progress: ScanProgress | None = None,
+                  skipped: list[dict] | None = None) -> dict[str, list[Member]]:
+    """{synset: its images} from the train archive (one uncompressed tar per synset inside); what cannot be
+    an image goes to `skipped` with the reason."""
     found: dict[str, list[Member]] = {}
-    for _, info in scan_tar(path, progress=progress):
+    skipped = [] if skipped is None else skipped
+    for member, info in scan_tar(path, progress=progress):
         stem = Path(info.name).stem
-        if not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
+        if member is None or not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
             raise ConvertError(f"{path} holds {info.name}, not a per-synset tar such as n01440764.tar: is this "
                                f"ILSVRC2012_img_train.tar? (For an extracted folder use `python -m convert folder`.)")
-        found.setdefault(stem, []).extend(   # a synset's tar twice: both kept
-            member for member in nested_members(path, info) if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS)
+        members, unread = nested_members(path, info)
+        skipped += unread
+        found.setdefault(stem, []).extend(images_only(members, skipped))   # a synset's tar twice: both kept
     if not found:
         raise ConvertError(f"{path} holds no per-synset tars: is this ILSVRC2012_img_train.tar?")
     empty = [synset for synset, members in found.items() if not members]
@@ -38,9 +53,15 @@ def train_members(path: Path, progress: ScanProgress | None = None) -> dict[str,
     return found
 
 
-def val_members(path: Path, progress: ScanProgress | None = None) -> list[Member]:
-    members = [member for member, info in scan_tar(path, progress=progress) if member is not None
-               and Path(info.name).suffix.lower() in IMAGE_EXTENSIONS]
+def val_members(path: Path, progress: ScanProgress | None = None, skipped: list[dict] | None = None) -> list[Member]:
+    skipped = [] if skipped is None else skipped
+    members = []
+    for member, info in scan_tar(path, progress=progress):
+        if member is None:
+            skipped.append({"path": info.name, "reason": unreadable(info)})
+        else:
+            members.append(member)
+    members = images_only(members, skipped)
     if not members:
         raise ConvertError(f"{path} holds no images: is this ILSVRC2012_img_val.tar?")
     return members
@@ -109,9 +130,10 @@ def imagenet_source(train: Path, val: Path, val_labels: Path | None = None, devk
         raise ConvertError("Val labels: pass exactly one of --val-labels LOC_val_solution.csv and "
                            "--devkit ILSVRC2012_devkit_t12.tar.gz.")
     train, val = Path(train).expanduser().resolve(), Path(val).expanduser().resolve()
+    skipped: dict[str, list[dict]] = {"train": [], "val": []}
     with scan_progress(console, [train, val], "archives") as progress:
-        by_synset = train_members(train, progress)
-        val_found = val_members(val, progress)
+        by_synset = train_members(train, progress, skipped["train"])
+        val_found = val_members(val, progress, skipped["val"])
     synsets = sorted(by_synset)
     index = {synset: label for label, synset in enumerate(synsets)}
     words = {}
@@ -132,4 +154,4 @@ def imagenet_source(train: Path, val: Path, val_labels: Path | None = None, devk
     classes = [f"{synset}: {words[synset]}" if synset in words else synset for synset in synsets]
     train_items = [(member, index[synset]) for synset in synsets for member in by_synset[synset]]
     return Source(root=train.parent, layout="imagenet_archives", classes=classes,
-                  splits={"train": train_items, "val": val_items}, loose={})
+                  splits={"train": train_items, "val": val_items}, loose={}, skipped=skipped)

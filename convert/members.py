@@ -92,6 +92,13 @@ def scan_progress(console, paths: list[Path], what: str) -> Iterator[ScanProgres
         yield ScanProgress(progress, paths, what)
 
 
+def unreadable(info: tarfile.TarInfo) -> str:
+    """Why a member scan_tar yields without a Member cannot be read in place."""
+    if info.islnk() or info.issym():
+        return f"a link to {info.linkname}, not the file itself: the archive must hold the sample's bytes"
+    return "stored sparse: cannot be read in place"
+
+
 def ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
     """Whether the member list ended at the tar's end-of-archive block. tarfile also ends it, silently, at a
     header it cannot read (a corrupt one, or a file cut at or inside one), which would lose every later member."""
@@ -103,8 +110,8 @@ def ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
 
 def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
              ) -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
-    """(Member, its TarInfo) for every regular file of the tar at `path`, in archive order (Member None when
-    the data is not stored in one piece). A truncated or corrupt archive raises ConvertError naming it and
+    """(Member, its TarInfo) for every regular file and link of the tar at `path`, in archive order (Member None
+    when the data is not stored there in one piece: `unreadable` says why). A truncated or corrupt archive raises ConvertError naming it and
     the last member read: tarfile takes a file cut inside a member's data, at a header or inside one, and a
     corrupt header for the end of the archive, so the last member's end is checked against the file's size
     and the end against the end-of-archive block. `progress` hears each member's end."""
@@ -112,6 +119,9 @@ def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
     with open_tar(path) as archive:
         try:
             for info in archive:
+                if info.islnk() or info.issym():
+                    yield None, info
+                    continue
                 if not info.isfile():
                     continue
                 last, end = info.name, info.offset_data + info.size
@@ -133,23 +143,27 @@ def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
                            f"download it again (nothing was written).")
 
 
-def nested_members(archive_path: Path, info: tarfile.TarInfo) -> list[Member]:
+def nested_members(archive_path: Path, info: tarfile.TarInfo) -> tuple[list[Member], list[dict]]:
     """The files of a tar stored uncompressed inside the tar at `archive_path` (ImageNet's per-synset tars),
-    as Members of the outer file: their offsets are the inner member's plus the inner tar's own."""
-    members = []
+    as Members of the outer file (their offsets are the inner member's plus the inner tar's own), and the
+    entries that cannot be read in place, with the reason."""
+    members, skipped = [], []
     try:
         with open_tar(archive_path) as outer, tarfile.open(fileobj=outer.extractfile(info), mode="r:") as inner:
             for entry in inner:
+                name = f"{Path(info.name).stem}/{entry.name}"
                 if entry.isfile() and entry.sparse is None:
                     members.append(Member(str(archive_path), info.offset_data + entry.offset_data, entry.size,
-                                          f"{Path(info.name).stem}/{entry.name}"))
+                                          name))
+                elif entry.isfile() or entry.islnk() or entry.issym():
+                    skipped.append({"path": name, "reason": unreadable(entry)})
             if not ends_cleanly(inner, info.size):
                 last = members[-1].name if members else "(none)"
                 raise tarfile.ReadError(f"no readable header and no end-of-archive block after {last}")
     except (tarfile.ReadError, EOFError, OSError) as err:
         raise ConvertError(f"{info.name} inside {archive_path} is not a readable tar ({err}); the archive is "
                            f"damaged: download it again (nothing was written).") from err
-    return members
+    return members, skipped
 
 
 def expand_pattern(pattern: str, what: str) -> list[Path]:

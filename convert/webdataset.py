@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.members import Member, ScanProgress, expand_pattern, scan_progress, scan_tar
+from convert.members import Member, ScanProgress, expand_pattern, scan_progress, scan_tar, unreadable
 from convert.sources import IMAGE_EXTENSIONS, ConvertError, Source, class_names, split_by_label
 
 NO_IMAGE = "no image member (expected one of: {})".format(", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)))
@@ -63,7 +63,7 @@ def shard_members(path: Path, label_key: str, samples: list, skipped: list, prog
     for member, info in scan_tar(path, prefix=f"{path.name}/", progress=progress):
         key, extension = split_key(info.name)
         if member is None:
-            skipped.append({"path": f"{path.name}/{info.name}", "reason": "stored sparse: cannot be read in place"})
+            skipped.append({"path": f"{path.name}/{info.name}", "reason": unreadable(info)})
             continue
         if not groups or groups[-1][0] != key:
             groups.append((key, {}))

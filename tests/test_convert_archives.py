@@ -383,6 +383,54 @@ def test_a_boolean_label_column_is_listed_as_unusable_rows_not_a_crash(tmp_path,
     assert "No usable" in err and "no usable label in 'label' (True)" in err
 
 
+def test_links_and_files_that_are_not_images_in_archives_are_listed_with_their_reason(imagenet, tmp_path):
+    def link(name: str, target: str) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = tarfile.SYMTYPE, target
+        return info
+
+    def with_extras(data: bytes, extras: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(data)) as source, tarfile.open(fileobj=buffer, mode="w",
+                                                                           format=tarfile.USTAR_FORMAT) as out:
+            for info in source:
+                out.addfile(info, source.extractfile(info))
+            for info, payload in extras:
+                if payload is not None:
+                    info.size = len(payload)
+                out.addfile(info, io.BytesIO(payload) if payload is not None else None)
+        return buffer.getvalue()
+
+    root = imagenet["root"]
+    with tarfile.open(root / "train.tar") as train:
+        synset_tars = {info.name: train.extractfile(info).read() for info in train}
+    synset_tars["n00000001.tar"] = with_extras(synset_tars["n00000001.tar"], [
+        (link("n00000001_link.JPEG", "n00000001_0.JPEG"), None), (tarfile.TarInfo("notes.txt"), b"hello")])
+    (tmp_path / "train.tar").write_bytes(tar_bytes(synset_tars))
+    (tmp_path / "val.tar").write_bytes(with_extras((root / "val.tar").read_bytes(),
+                                                   [(link("ILSVRC2012_val_99999999.JPEG", "x.JPEG"), None)]))
+    out = tmp_path / "out"
+    assert main(["imagenet", "--train", str(tmp_path / "train.tar"), "--val", str(tmp_path / "val.tar"),
+                 "--val-labels", str(root / "LOC_val_solution.csv"), "--out", str(out), *FAST]) == 0
+    manifest = read_manifest(out)
+    reasons = {item["path"]: item["reason"] for split in ("train", "val")
+               for item in manifest["splits"][split]["skipped"]}
+    assert reasons["n00000001/n00000001_link.JPEG"].startswith("a link to n00000001_0.JPEG")
+    assert reasons["n00000001/notes.txt"] == "not an image file name"
+    assert reasons["ILSVRC2012_val_99999999.JPEG"].startswith("a link to x.JPEG")
+    assert manifest["splits"]["train"]["written"] == PER_SYNSET * len(SYNSETS)
+
+    shard = with_extras(tar_bytes({f"{key}{i}.{ext}": picture(label, i) if ext == "jpg" else str(label).encode()
+                                   for key, label in (("a", 0), ("c", 1)) for i in range(2) for ext in ("jpg", "cls")}),
+                        [(link("b.jpg", "a0.jpg"), None), (tarfile.TarInfo("b.cls"), b"0")])
+    (tmp_path / "shard.tar").write_bytes(shard)
+    assert main(["webdataset", "--train", str(tmp_path / "shard.tar"), "--val-fraction", "0.5",
+                 "--out", str(tmp_path / "wds"), *FAST]) == 0
+    skipped = {item["path"]: item["reason"] for split in ("train", "val")
+               for item in read_manifest(tmp_path / "wds")["splits"][split]["skipped"]}
+    assert skipped["shard.tar/b.jpg"].startswith("a link to a0.jpg") and "no image member" in skipped["shard.tar/b"]
+
+
 def test_an_image_cell_with_only_a_path_is_listed_with_what_to_do(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
