@@ -32,6 +32,7 @@ from fastpipe.data.beton import (
     BetonError,
     check_beton,
     fsync_dir,
+    fsync_file,
     read_manifest,
     sha256_file,
     write_json_atomic,
@@ -156,11 +157,6 @@ def image_stats(items: list[tuple[str, int, int, int]]) -> dict:
     heights = [height for _, _, _, height in items]
     return {"min_side": min(map(min, zip(widths, heights))), "max_side": max(map(max, zip(widths, heights))),
             "mean_width": round(sum(widths) / len(widths), 1), "mean_height": round(sum(heights) / len(heights), 1)}
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from rich.console import Console
 
-from convert.pipeline import fsync_file, make_progress
+from convert.pipeline import make_progress
 from convert.sources import ConvertError
 from convert.write import chunk_size
 from fastpipe.data import crop_decode
@@ -29,6 +29,7 @@ from fastpipe.data.beton import (
     MODE_JPEG,
     BetonSamples,
     fsync_dir,
+    fsync_file,
     read_fields,
     read_header,
     read_manifest,
@@ -156,19 +157,22 @@ def restart(data_dir: str | os.PathLike, workers: int | None = None) -> dict:
     workers = workers or os.cpu_count() or 1
     console = Console(stderr=True, soft_wrap=True)
     report = {}
-    for split in manifest.get("splits", {}):
-        info = split_info(manifest, split, data_dir)
-        path = data_dir / info.get("beton", f"{split}.beton")
+    paths = {split: data_dir / split_info(manifest, split, data_dir).get("beton", f"{split}.beton")
+             for split in manifest.get("splits", {})}
+    for split, path in paths.items():   # all there before any is rewritten
         if not path.is_file():
             raise ConvertError(f"{path} (the {split} beton the manifest names) does not exist.")
+    for split, path in paths.items():
+        info = split_info(manifest, split, data_dir)
         before = path.stat().st_size
         found = rewrite_beton(path, workers, console)
         info["size_bytes"], info["sha256"] = path.stat().st_size, sha256_file(path)
         info.setdefault("settings", {})["restart_intervals"] = True
+        # the manifest follows each beton as it is replaced: an interrupted run leaves them in step
+        write_json_atomic(data_dir / "manifest.json", manifest)
         found["bytes_before"], found["bytes_after"] = before, info["size_bytes"]
         report[split] = found
         kept = "; ".join(f"{count} kept as they were: {reason}" for reason, count in found["kept"].items())
         console.print(f"{split}: {found['rewritten']} of {found['jpeg_samples']} JPEG samples now have restart "
                       f"intervals; beton {before:,} -> {info['size_bytes']:,} bytes" + (f" ({kept})" if kept else ""))
-    write_json_atomic(data_dir / "manifest.json", manifest)
     return report

@@ -18,7 +18,7 @@ import torch
 
 from fastpipe.config import ConfigError
 from fastpipe.data.base import VAL_CROP_RATIO
-from fastpipe.data.beton import write_json_atomic
+from fastpipe.data.beton import FILE_MODE, fsync_dir, fsync_file, write_json_atomic
 from fastpipe.data.device import IMAGENET_MEAN, IMAGENET_STD
 from fastpipe.train.checkpoint import CheckpointError
 from fastpipe.trained import load_trained
@@ -71,7 +71,10 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, checkpoint: str = "
         if not difference <= TOLERANCE:
             raise RuntimeError(f"the {fmt} export's logits differ from the PyTorch model's by {difference:.3g} on a "
                                f"batch of {CHECK_BATCH} (tolerance {TOLERANCE:g}); nothing was written.")
+        os.chmod(temporary, FILE_MODE)   # mkstemp made it 0600
+        fsync_file(temporary)
         os.replace(temporary, out)
+        fsync_dir(out.parent)
     finally:
         temporary.unlink(missing_ok=True)
     record = {"file": str(out), "format": fmt, "checkpoint": str(trained.checkpoint), "classes": trained.classes,

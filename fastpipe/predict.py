@@ -18,12 +18,14 @@ from fastpipe.config import ConfigError
 from fastpipe.data.beton import BetonError, atomic_write
 from fastpipe.data.images import IMAGE_EXTENSIONS, BadImage, decode_rgb
 from fastpipe.train.checkpoint import CheckpointError
+from fastpipe.train.runtime import TrainingError
 from fastpipe.trained import load_trained, to_batch, val_crop
 
 
 def find_images(arguments: list[str]) -> list[Path]:
-    """Each argument a file, a folder (its images, recursively, sorted) or a glob; every path once."""
-    found: dict[Path, None] = {}   # ordered, each path once
+    """Each argument a file, a folder (its images, recursively, sorted) or a glob; every file once, however
+    its arguments spell it (the first spelling kept)."""
+    found: dict[Path, Path] = {}   # resolved path -> as first given, in order
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
@@ -36,8 +38,9 @@ def find_images(arguments: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{argument}: no such file or folder.")
         if not matches:
             raise FileNotFoundError(f"{argument}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        found.update(dict.fromkeys(matches))
-    return list(found)
+        for match in matches:
+            found.setdefault(match.resolve(), match)
+    return list(found.values())
 
 
 def predict(run_dir: Path, images: list[str], *, checkpoint: str = "best", top_k: int = 5, batch_size: int = 64,
@@ -77,7 +80,8 @@ def predict(run_dir: Path, images: list[str], *, checkpoint: str = "best", top_k
     return sorted(rows, key=lambda row: order[row["path"]])   # unreadable files were listed as they came
 
 
-def write_csv(rows: list[dict], path: Path, top_k: int) -> None:
+def write_csv(rows: list[dict], path: Path) -> None:
+    top_k = max((int(key.split("_")[1]) for row in rows for key in row if key.startswith("class_")), default=1)
     columns = ["path"] + [f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "prob")] + ["error"]
     with atomic_write(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -85,13 +89,21 @@ def write_csv(rows: list[dict], path: Path, top_k: int) -> None:
         writer.writerows(rows)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastpipe.predict", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by `python -m fastpipe.train`")
     parser.add_argument("images", nargs="+", help="image files, folders or globs")
     parser.add_argument("--checkpoint", default="best", help="best, last, or a .pt file (default: best)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--top-k", type=positive, default=5,
+                        help="classes per image, at most the run's class count (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive, default=64, help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, help="write the predictions to this CSV file")
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -103,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, BetonError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingError as err:   # e.g. the run trained on a GPU that this machine lacks
+        print(f"error: {err} (the run's settings can be overridden: --train.device=cpu)", file=sys.stderr)
+        return 1
     if args.out:
-        write_csv(rows, args.out, args.top_k)
+        write_csv(rows, args.out)
         print(f"{len(rows)} prediction(s) in {args.out}")
     for row in rows if not args.out else rows[:10]:
         shown = row.get("error") or ", ".join(f"{row[f'class_{k}']} {row[f'prob_{k}']:.1%}"

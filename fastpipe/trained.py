@@ -14,6 +14,7 @@ import torch
 from fastpipe.config import Config, ConfigError, load_config
 from fastpipe.data.base import center_crop_windows
 from fastpipe.data.device import Normalizer
+from fastpipe.data.images import BadImage
 from fastpipe.model import stem_of
 from fastpipe.train.assemble import build_model
 from fastpipe.train.checkpoint import CheckpointError, evaluation_weights, load_checkpoint
@@ -55,8 +56,11 @@ def load_trained(run_dir: Path, checkpoint: str = "best", overrides: list[str] =
 
 def val_crop(pixels: np.ndarray, resolution: int) -> np.ndarray:
     """The val preprocessing of the loaders, on one HxWx3 uint8 image: their centre crop window
-    (`center_crop_windows`), resized to `resolution` with area interpolation."""
+    (`center_crop_windows`), resized to `resolution` with area interpolation. BadImage when the window is
+    empty (an image under 2 px on its shorter side)."""
     left, top, side, _ = center_crop_windows(np.array([pixels.shape[1]]), np.array([pixels.shape[0]]))[0].astype(int)
+    if side < 1:
+        raise BadImage(f"{pixels.shape[1]}x{pixels.shape[0]} px: too small for the centre crop")
     return cv2.resize(pixels[top:top + side, left:left + side], (resolution, resolution), interpolation=cv2.INTER_AREA)
 
 

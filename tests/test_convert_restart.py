@@ -118,3 +118,31 @@ def test_the_interval_divides_the_row_nearest_its_target():
     assert restart_interval(31) == 31            # a prime row: one interval per row
     assert restart_interval(31, target=1) == 1   # one-MCU intervals only when asked for (the benchmark's sweep)
     assert restart_interval(30, target=2) == 2 and restart_interval(32, target=8) == 8
+
+
+def test_convert_restart_checks_every_beton_first_and_keeps_the_manifest_in_step(folder, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A split's beton missing: nothing is rewritten. Stopped after the first split: the manifest already
+    describes the rewritten beton, so verify passes and a second run finishes the job."""
+    import convert.restart as restart_module
+
+    convert(folder, tmp_path / "out", "--no-restart-intervals")
+    (tmp_path / "out" / "val.beton").rename(tmp_path / "val.beton")
+    before = (tmp_path / "out" / "train.beton").read_bytes()
+    assert main(["restart", str(tmp_path / "out"), "--workers", "1"]) != 0
+    assert "val.beton" in capsys.readouterr().err and (tmp_path / "out" / "train.beton").read_bytes() == before
+    (tmp_path / "val.beton").rename(tmp_path / "out" / "val.beton")
+    rewrite = restart_module.rewrite_beton
+
+    def stop_after_train(path, *args):
+        if path.name == "val.beton":
+            raise KeyboardInterrupt
+        return rewrite(path, *args)
+
+    monkeypatch.setattr(restart_module, "rewrite_beton", stop_after_train)
+    with pytest.raises(KeyboardInterrupt):
+        restart_module.restart(tmp_path / "out", workers=1)
+    settings = {split: info["settings"].get("restart_intervals")
+                for split, info in read_manifest(tmp_path / "out")["splits"].items()}
+    assert settings == {"train": True, "val": False}
+    assert main(["verify", str(tmp_path / "out")]) == 0

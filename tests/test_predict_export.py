@@ -11,6 +11,7 @@ import torch
 
 from fastpipe import export as export_module
 from fastpipe.config import load_config
+from fastpipe.data.beton import FILE_MODE
 from fastpipe.export import main as export_main
 from fastpipe.predict import main as predict_main
 from fastpipe.report.run import RunReport
@@ -64,6 +65,31 @@ def test_predict_says_what_is_missing(run_dir, tmp_path, capsys):
     assert "config.toml" in capsys.readouterr().err
 
 
+def test_predict_lists_every_file_once_and_tells_what_it_cannot_do(run_dir, synthetic_folder, tmp_path, capsys,
+                                                                    monkeypatch):
+    from PIL import Image
+
+    image = min((synthetic_folder / "val" / "class000").iterdir())
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((50, 1, 3), np.uint8)).save(thin)   # 1 px wide: no centre crop
+    monkeypatch.chdir(image.parent)
+    out = tmp_path / "k9.csv"
+    # one file by two spellings (relative, absolute), a thin image, more classes asked for than the run has
+    assert predict_main([str(run_dir), image.name, str(image), str(thin), "--top-k", "9", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert [row["path"] for row in rows] == [image.name, str(thin)]
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "class_4",
+                             "prob_4", "error"]   # the run's 4 classes, not 9 columns of which 5 empty
+    assert "too small for the centre crop" in rows[1]["error"]
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            predict_main([str(run_dir), image.name, "--top-k", bad])
+        assert "must be 1 or more" in capsys.readouterr().err
+    if not torch.cuda.is_available():   # a run that trained on a GPU, asked here: an error line, not a traceback
+        assert predict_main([str(run_dir), image.name, "--train.device=cuda"]) == 1
+        assert "--train.device=cpu" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exports_match_the_pytorch_model_and_record_the_check(run_dir, tmp_path, fmt):
     out = tmp_path / f"model.{fmt}"
@@ -71,6 +97,8 @@ def test_exports_match_the_pytorch_model_and_record_the_check(run_dir, tmp_path,
     record = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert record["check"]["max_abs_difference"] <= record["check"]["tolerance"] == export_module.TOLERANCE
     assert record["classes"] == ["class000", "class001", "class002", "class003"]
+    # readable as any new file is (mkstemp's temporaries are 0600)
+    assert out.stat().st_mode & 0o777 == FILE_MODE == (tmp_path / f"model.{fmt}.json").stat().st_mode & 0o777
     batch = torch.randn(3, 3, 32, 32)   # another batch size than the check's
     if fmt == "torchscript":
         logits = torch.jit.load(str(out))(batch)

@@ -45,6 +45,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# What open() gives a new file under this process's umask; mkstemp's temporaries are 0600, and an output
+# renamed from one would stay unreadable to other users (a serving process, a colleague). Read once at import:
+# os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -62,6 +75,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
