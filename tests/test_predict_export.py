@@ -95,7 +95,9 @@ def test_exports_match_the_pytorch_model_and_record_the_check(run_dir, tmp_path,
     out = tmp_path / f"model.{fmt}"
     assert export_main([str(run_dir), "--format", fmt, "--out", str(out)]) == 0
     record = json.loads((tmp_path / f"model.{fmt}.json").read_text())
-    assert record["check"]["max_abs_difference"] <= record["check"]["tolerance"] == export_module.TOLERANCE
+    check = record["check"]
+    assert check["max_abs_difference"] <= check["tolerance"] and check["relative_tolerance"] == export_module.TOLERANCE
+    assert check["tolerance"] >= export_module.TOLERANCE and record["evaluation"]["weights"] in ("ema", "trained")
     assert record["classes"] == ["class000", "class001", "class002", "class003"]
     # readable as any new file is (mkstemp's temporaries are 0600)
     assert out.stat().st_mode & 0o777 == FILE_MODE == (tmp_path / f"model.{fmt}.json").stat().st_mode & 0o777

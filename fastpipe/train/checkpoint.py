@@ -49,10 +49,15 @@ def training_state(*, model, optimizer, scheduler, scaler, epoch: int, completed
             "best_top1": best_top1, "epochs_since_best": epochs_since_best, **extra}
 
 
+def evaluation_weights_kind(state: dict) -> str:
+    """"ema" when the EMA of the weights scored better at the checkpoint's evaluation (model.ema_decay > 0),
+    else "trained"."""
+    return "ema" if state.get("eval_weights") == "ema" and "ema" in state else "trained"
+
+
 def evaluation_weights(state: dict) -> dict:
-    """The weights to evaluate or fine-tune from: the EMA of the weights when they scored better at the
-    checkpoint's evaluation (model.ema_decay > 0), else the trained weights."""
-    return state["ema"] if state.get("eval_weights") == "ema" and "ema" in state else state["model"]
+    """The weights to evaluate or fine-tune from (evaluation_weights_kind)."""
+    return state["ema"] if evaluation_weights_kind(state) == "ema" else state["model"]
 
 
 def restore_training(state: dict, *, model, optimizer, scheduler, scaler, schedule: bool = True) -> None:
