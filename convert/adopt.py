@@ -48,7 +48,7 @@ def split_record(split: str, path: Path, samples: BetonSamples) -> dict:
         "sample_table": write_sample_table(path.parent, split, None, samples.labels, samples.width, samples.height),
         "fields": samples.field_names,
         "settings": {"write_mode": storage_mode(samples.mode), "max_resolution": int(sides.max(initial=0))},
-        "image_stats": {"min_side": int(sides.min(initial=0)), "max_side": int(sides.max(initial=0)),
+        "image_stats": {"min_side": int(sides.min()) if sides.size else 0, "max_side": int(sides.max(initial=0)),
                         "mean_width": round(float(samples.width.mean()), 1),
                         "mean_height": round(float(samples.height.mean()), 1)},
     }
@@ -79,8 +79,15 @@ def adopt(data_dir: str | Path, *, classes_file: str | Path | None = None, train
         raise ConvertError(f"{data_dir} is not a folder: pass the folder that holds the betons.")
     if (data_dir / MANIFEST_NAME).exists() and not force:
         raise ConvertError(f"{data_dir / MANIFEST_NAME} already exists; pass --force to replace it.")
+    for split, name in (("train", train), ("val", val)):
+        if Path(name).name != name:   # the manifest names betons by file name, in DIR
+            raise ConvertError(f"--{split} {name}: give the name of a beton in {data_dir} (a file name, no folder); "
+                               f"adopt the folder that holds it instead.")
     opened = {split: (data_dir / name, open_split(data_dir / name, split))
               for split, name in (("train", train), ("val", val))}
+    if train == val:
+        console.print(f"warning: train and val are the same beton ({train}): validation will measure the "
+                      f"training data.")
     for split, (path, samples) in opened.items():
         console.print(f"{split}: {path.name}: {len(samples)} samples, fields "
                       f"{describe_fields(read_fields(path))} (image: '{samples.field_names['image']}', "

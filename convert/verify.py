@@ -73,12 +73,13 @@ def verify(data_dir: str | Path, console: Console | None = None) -> dict:
             raise BetonError(f"{path}: labels outside 0..{len(manifest['classes']) - 1}. {fix}")
         if not np.array_equal(labels, expected):
             first = int(np.flatnonzero(labels != expected)[0])
-            raise BetonError(f"{path}: sample {first} has label {labels[first]}, manifest says {expected[first]} "
-                             f"({info['samples'][first][0]}). {fix}")
+            raise BetonError(f"{path}: sample {first} has label {labels[first]}, its table says {expected[first]} "
+                             f"({listed.name(first)}). {fix}")
+        listed.check()
         for index in range(len(samples)):
             decode_sample(samples, index)
         checked[split] = len(samples)
-        console.print(f"{split}: {checked[split]} samples OK (size, sha256, labels, every image decodes)")
+        console.print(f"{split}: {checked[split]} samples OK (size, sha256, labels, names, every image decodes)")
     return checked
 
 

@@ -73,6 +73,7 @@ def test_betons_without_a_manifest_say_to_adopt_them_and_adopt_writes_it(imagene
     assert train["written"] == 60 and [label for _, label in split_samples(imagenet_style, "train")] == expected.labels.tolist()
     assert train["settings"]["write_mode"] == "jpg" and manifest["splits"]["val"]["settings"]["write_mode"] == "raw"
     assert train["image_stats"]["max_side"] <= 96 and train["sha256"] and train["size_bytes"] > 0
+    assert train["image_stats"]["min_side"] == min(min(size) for size in expected.sizes) > 0
     assert train["fields"] == {"image": "image", "label": "label"}
     assert convert_main(["verify", str(imagenet_style)]) == 0   # every sample decodes, labels and sha256 agree
 
@@ -119,6 +120,18 @@ def test_the_torch_baseline_says_adopted_betons_have_no_source_images(imagenet_s
         adopt(imagenet_style, console=Console(quiet=True))
     with pytest.raises(BetonError, match="no source images .* Use backend 'ffcv' or 'dali'"):
         build_loader("torch", imagenet_style, "train", batch_size=8, resolution=32, workers=1)
+
+
+def test_adopt_takes_beton_names_in_its_folder_and_warns_when_train_is_val(imagenet_style, tmp_path, capsys):
+    folder = tmp_path / "with space"
+    (folder / "sub").mkdir(parents=True)
+    for split in ("train", "val"):
+        (folder / "sub" / f"{split}.beton").write_bytes((imagenet_style / f"{split}.beton").read_bytes())
+    assert convert_main(["adopt", str(folder), "--train", "sub/train.beton", "--val", "sub/val.beton"]) == 1
+    assert "a file name, no folder" in capsys.readouterr().err and not (folder / "manifest.json").exists()
+    (folder / "sub" / "train.beton").rename(folder / "train.beton")
+    assert convert_main(["adopt", str(folder), "--val", "train.beton"]) == 0
+    assert "validation will measure the training data" in capsys.readouterr().err
 
 
 def test_fields_are_found_by_type_whatever_their_names_and_order(tmp_path):

@@ -99,6 +99,38 @@ def test_labels_and_counts_must_match_the_manifest(copy):
         verify(copy, console=Console(quiet=True))
 
 
+def test_a_per_sample_table_that_disagrees_with_its_beton_is_named_in_the_error(copy):
+    """The tables beside the manifest: a changed label names the sample; a names file cut short, reordered or
+    gone is caught by verify, not first by the report at the end of a training run."""
+    rows_path = copy / "val.samples.npy"
+    rows = np.load(rows_path)
+    original = rows.copy()
+    rows["label"][1] = (rows["label"][1] + 1) % 3
+    np.save(rows_path, rows)
+    name = split_samples(copy, "val")[1][0]
+    with pytest.raises(BetonError, match=f"sample 1 has label .* its table says .*{name}"):
+        verify(copy, console=Console(quiet=True))
+    np.save(rows_path, original)
+    names = (copy / "val.names.bin").read_bytes().split(b"\0")[:-1]
+    swapped = [names[1], names[0], *names[2:]]
+    for damaged, message in ((names[:-2], "sha256 differs"), (swapped, "sha256 differs"), (None, "is missing")):
+        if damaged is None:
+            (copy / "val.names.bin").unlink()
+        else:
+            (copy / "val.names.bin").write_bytes(b"".join(name + b"\0" for name in damaged))
+        with pytest.raises(BetonError, match=message):
+            verify(copy, console=Console(quiet=True))
+    # a table of an earlier release has no checksums: names cut short or moved are still caught
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for key in ("names_sha256", "rows_sha256"):
+        del manifest["splits"]["val"]["sample_table"][key]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for damaged, message in ((names[:-2], "names for"), ([names[0][:-1], *names[1:]], "do not sit where")):
+        (copy / "val.names.bin").write_bytes(b"".join(name + b"\0" for name in damaged))
+        with pytest.raises(BetonError, match=message):
+            verify(copy, console=Console(quiet=True))
+
+
 def test_decoded_samples_follow_the_manifest_order(betons, synthetic_folder):
     manifest = json.loads((betons / "manifest.json").read_text())
     info = manifest["splits"]["val"]

@@ -10,13 +10,14 @@ the same file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from fastpipe.data.beton import BetonError, atomic_write, convert_hint, read_manifest, split_info
+from fastpipe.data.beton import BetonError, atomic_write, convert_hint, read_manifest, sha256_file, split_info
 
 ROW = np.dtype([("label", "<i8"), ("name_start", "<i8"), ("name_end", "<i8"), ("width", "<i4"), ("height", "<i4")])
 
@@ -37,11 +38,13 @@ def write_sample_table(out: str | os.PathLike, split: str, names: list[str] | No
         lengths = np.fromiter((len(name) + 1 for name in encoded), dtype=np.int64, count=len(encoded))
         rows["name_end"] = np.cumsum(lengths) - 1
         rows["name_start"] = rows["name_end"] - (lengths - 1)
+        payload = b"".join(name + b"\0" for name in encoded)
         with atomic_write(out / f"{split}.names.bin", "wb") as handle:
-            handle.write(b"".join(name + b"\0" for name in encoded))
-        entry["names"] = f"{split}.names.bin"
+            handle.write(payload)
+        entry["names"], entry["names_sha256"] = f"{split}.names.bin", hashlib.sha256(payload).hexdigest()
     with atomic_write(out / entry["rows"], "wb") as handle:
         np.save(handle, rows)
+    entry["rows_sha256"] = sha256_file(out / entry["rows"])   # verify compares both
     return entry
 
 
@@ -66,7 +69,10 @@ class SampleTable:
         except (OSError, ValueError) as err:
             raise BetonError(f"{path} (the per-sample table the manifest names) is missing or unreadable ({err}). "
                              f"Re-create it with `python -m convert ... --out {data_dir} --force`.") from err
-        if self.rows.dtype != ROW or len(self.rows) != self.entry["count"]:
+        if self.rows.dtype != ROW:
+            raise BetonError(f"{path} is not a per-sample table of this release (rows of {self.rows.dtype}). "
+                             f"Re-create it with `python -m convert ... --force`.")
+        if len(self.rows) != self.entry["count"]:
             raise BetonError(f"{path} does not match the manifest ({len(self.rows)} rows, manifest says "
                              f"{self.entry['count']}). Re-create it with `python -m convert ... --force`.")
         self.labels = self.rows["label"]
@@ -101,6 +107,38 @@ class SampleTable:
                              f"Re-create it with `python -m convert ... --force`.")
         if pending:
             yield pending
+
+    def name(self, index: int) -> str:
+        """One sample's name (a seek into names.bin: for messages, not for loops)."""
+        path = self.names_path()
+        if path is None:
+            return self.inline[index][0] if self.inline is not None else f"{self.beton}#{index}"
+        start, end = int(self.rows["name_start"][index]), int(self.rows["name_end"][index])
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            return handle.read(end - start).decode(errors="surrogateescape")
+
+    def check(self) -> None:
+        """For verify: the table's files have the checksums the manifest recorded (tables of earlier releases
+        have none), and names.bin holds one name per row, each where its row says. A BetonError otherwise."""
+        if self.inline is not None:
+            return
+        names = self.names_path()   # a clear error when it is gone
+        for key, path in (("rows_sha256", self.data_dir / self.entry["rows"]), ("names_sha256", names)):
+            if self.entry.get(key) and sha256_file(path) != self.entry[key]:
+                raise BetonError(f"{path}: sha256 differs from the manifest; the file changed after conversion. "
+                                 f"Re-create it with `python -m convert ... --force`.")
+        if names is None:
+            return
+        offset = 0
+        for chunk in self.iter_names():
+            lengths = np.fromiter((len(name.encode(errors="surrogateescape")) for name in chunk), np.int64, len(chunk))
+            rows = self.rows[offset:offset + len(chunk)]
+            ends = np.cumsum(lengths + 1) - 1 + (rows["name_start"][0] if len(rows) else 0)
+            if not (np.array_equal(rows["name_end"], ends) and np.array_equal(rows["name_start"], ends - lengths)):
+                raise BetonError(f"{self.names_path()}: the names do not sit where {self.entry['rows']} says "
+                                 f"(from sample {offset} on). Re-create it with `python -m convert ... --force`.")
+            offset += len(chunk)
 
     def names_path(self) -> Path | None:
         """names.bin when the split has one (it must exist then: a clear error says how to re-create it)."""
