@@ -358,6 +358,24 @@ def test_an_abandoned_ffcv_epoch_ends_its_thread_even_after_the_last_batch(beton
     assert not [thread for thread in threading.enumerate() if type(thread).__name__ == "EpochIterator"]
 
 
+def test_an_ffcv_epoch_left_open_while_a_later_one_starts_fails_rather_than_change_its_crops(betons):
+    """The crops of every FFCV epoch thread come from one epoch column: the later epoch finishes the earlier
+    one, which then says so instead of going on with the later epoch's crops."""
+    import threading
+
+    loader = make_loader("ffcv", betons, "train", batch_size=BATCH, resolution=RES, workers=1)
+    fresh = make_loader("ffcv", betons, "train", batch_size=BATCH, resolution=RES, workers=1)
+    first, second = loader.run_epoch(0), loader.run_epoch(1)
+    next(first)
+    later = [images.clone() for images, _ in [next(second)]]
+    with pytest.raises(RuntimeError, match="epoch 0 was left open while a later one started"):
+        next(first)
+    rest = [images.clone() for images, _ in second]
+    expected = [images.clone() for images, _ in fresh.run_epoch(1)]
+    assert all(torch.equal(a, b) for a, b in zip(later + rest, expected, strict=True))   # epoch 1 as it should be
+    assert not [thread for thread in threading.enumerate() if type(thread).__name__ == "EpochIterator"]
+
+
 def test_an_abandoned_dali_feed_stops_even_when_its_queue_is_full(mixed_dir):
     """The feeding thread may be handing over the epoch's end while nobody reads any more: stop() must not
     wait for a reader forever."""

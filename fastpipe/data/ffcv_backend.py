@@ -79,7 +79,8 @@ def finish_thread(epoch_iterator, timeout: float = 60.0) -> None:
     its full queue times out, but once it runs out of batches it puts the end marker without a timeout and
     would wait forever for a reader. So: no batches are left for it, and what it has queued is drained (at
     most the batch it is making, then the end marker)."""
-    epoch_iterator.iter_ixes = iter(())
+    epoch_iterator.iter_ixes = iter(())   # before close(): no batch may start behind its stop markers
+    epoch_iterator.close()
     deadline = time.monotonic() + timeout
     while epoch_iterator.is_alive() and time.monotonic() < deadline:
         epoch_iterator.join(timeout=0.05)
@@ -87,6 +88,9 @@ def finish_thread(epoch_iterator, timeout: float = 60.0) -> None:
             epoch_iterator.output_queue.get_nowait()
         except queue.Empty:
             pass
+    if epoch_iterator.is_alive():
+        warnings.warn(f"an abandoned FFCV epoch thread is still running after {timeout:g} s; the process may abort "
+                      f"at exit", RuntimeWarning, stacklevel=2)
 
 
 def resident_bytes() -> int:
@@ -167,8 +171,14 @@ class FFCVLoader(LoaderBase):
                              seed=self.seed, drop_last=self.drop_last, batches_ahead=batches_ahead,
                              pipelines={names[IMAGE_FIELD]: image_pipeline, names[INT_FIELD]: label_pipeline})
         self.epoch_column = add_epoch_column(self.loader, names[IMAGE_FIELD]) if self.train else None
+        self.running = None   # the FFCV epoch iterator of the epoch being read (run_epoch)
 
     def run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # One epoch at a time: the crops of every FFCV epoch thread come from the one epoch column, so an
+        # earlier epoch still open would go on with this epoch's crops. It is finished here, and fails if
+        # read again (the trainer closes each epoch; this catches a caller that keeps an old iterator).
+        if self.running is not None:
+            finish_thread(self.running)
         self.decoder.output_size = (self.resolution, self.resolution)
         self.loader.batch_size = self.batch_size
         self.loader.next_epoch = epoch   # FFCV seeds its order from seed + epoch
@@ -177,16 +187,20 @@ class FFCVLoader(LoaderBase):
                 raise ValueError(f"ffcv loader: epoch {epoch} is outside 0..{MAX_EPOCH} (the crop draws' epoch column)")
             self.epoch_column[:] = epoch   # ... and SeededRandomResizedCrop its crops from it
         # One FFCV epoch iterator (a thread) per epoch, closed even when the caller stops early.
-        epoch_iterator = iter(self.loader)
+        epoch_iterator = self.running = iter(self.loader)
         try:
             for first, second in epoch_iterator:
                 images, labels = (first, second) if self.image_first else (second, first)
                 # Batches live in FFCV's reused slots: `finish` makes a new tensor when normalising;
                 # a caller keeping uint8 batches across steps must clone them.
                 yield self.finish(images, labels)
+                if self.running is not epoch_iterator:
+                    raise RuntimeError(f"ffcv loader: epoch {epoch} was left open while a later one started, which "
+                                       f"finished it (its crops would have changed); read epochs one at a time.")
         finally:
-            epoch_iterator.close()
-            finish_thread(epoch_iterator)
+            if self.running is epoch_iterator:
+                self.running = None
+                finish_thread(epoch_iterator)
             del epoch_iterator
             self.bound_memory()
 
