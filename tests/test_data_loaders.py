@@ -376,6 +376,25 @@ def test_an_ffcv_epoch_left_open_while_a_later_one_starts_fails_rather_than_chan
     assert not [thread for thread in threading.enumerate() if type(thread).__name__ == "EpochIterator"]
 
 
+def test_a_dropped_dali_train_loader_takes_its_feeding_thread_and_pipeline_with_it(betons):
+    """A train loader's endless stream (drop_last) refers to the loader weakly: dropped after a few batches
+    (as the autotuner does with each trial), it is freed and its feeding thread ends."""
+    import gc
+    import weakref
+
+    for _ in range(2):
+        loader = build_loader("dali", betons, "train", batch_size=BATCH, resolution=RES, workers=1, drop_last=True)
+        for _, _batch in zip(range(2), loader):
+            pass
+        gone, feeding = weakref.ref(loader), [runner.source.thread for runner in loader.runners.values()]
+        assert feeding and all(thread.is_alive() for thread in feeding)   # on into the next epoch's batches
+        del loader, _batch
+        gc.collect()
+        for thread in feeding:
+            thread.join(timeout=10)
+        assert gone() is None and not any(thread.is_alive() for thread in feeding)
+
+
 def test_an_abandoned_dali_feed_stops_even_when_its_queue_is_full(mixed_dir):
     """The feeding thread may be handing over the epoch's end while nobody reads any more: stop() must not
     wait for a reader forever."""

@@ -60,7 +60,8 @@ class BetonSource:
     """DALI's external source: each epoch's batches of (image bytes, metadata, crop windows), in the
     epoch's order, prepared by a feeding thread a few batches ahead.
 
-    With `upcoming` (a function of the epoch giving its order; whole batches only) the stream does not end:
+    With `upcoming` (a weak reference to a function of the epoch giving its order, the loader's: whole
+    batches only; when the loader is gone, so is the stream) the stream does not end:
     after an epoch's last batch it goes on with the next epoch's, so DALI decodes them while the trainer
     finishes the epoch, and the next one starts on batches already made. Without it, DALI calls iter()
     again at each epoch's end (cycle="raise"); the generator body (and so the order it reads) only runs when
@@ -117,7 +118,10 @@ class BetonSource:
                     hand_over(_END)
                     return
                 epoch += 1
-                order = self.upcoming(epoch)
+                upcoming = self.upcoming()
+                if upcoming is None:   # the loader was freed: a strong reference here would have kept it
+                    return
+                order = upcoming(epoch)
         except Exception as err:  # noqa: BLE001 - handed to the main thread, which raises it
             hand_over(err)
 
@@ -244,7 +248,7 @@ class DALILoader(LoaderBase):
         gpu = self.device.type == "cuda"
         decoder_args = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if gpu else {"device": "cpu"}
         # whole batches only (drop_last): the stream runs on into the next epoch, see BetonSource
-        upcoming = self.epoch_order if self.drop_last else None
+        upcoming = weakref.WeakMethod(self.epoch_order) if self.drop_last else None
         source = BetonSource(self.columns, batch_size, train=self.train, seed=self.seed, scale=self.scale,
                              ratio=self.ratio, flip=self.flip, ahead=self.prefetch + 1, feed=self.feed,
                              upcoming=upcoming)
@@ -290,3 +294,15 @@ class DALILoader(LoaderBase):
             runner = self.runners[key] = self.build_pipeline(*key)
         for images, labels in runner.epoch(order, epoch):
             yield self.finish(images.permute(0, 3, 1, 2), labels)
+
+    def close(self) -> None:
+        """Stop the feeding threads and let the pipelines go (also when the loader is freed)."""
+        for runner in self.runners.values():
+            runner.close()
+        self.runners.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone
+            return
