@@ -31,12 +31,10 @@ def images_only(members: list[Member], skipped: list[dict]) -> list[Member]:
     return kept
 
 
-def train_members(path: Path, progress: ScanProgress | None = None,
-                  skipped: list[dict] | None = None) -> dict[str, list[Member]]:
+def train_members(path: Path, progress: ScanProgress | None, skipped: list[dict]) -> dict[str, list[Member]]:
     """{synset: its images} from the train archive (one uncompressed tar per synset inside); what cannot be
     an image goes to `skipped` with the reason."""
     found: dict[str, list[Member]] = {}
-    skipped = [] if skipped is None else skipped
     for member, info in scan_tar(path, progress=progress):
         stem = Path(info.name).stem
         if member is None or not (info.name.endswith(".tar") and SYNSET.fullmatch(stem)):
@@ -53,8 +51,8 @@ def train_members(path: Path, progress: ScanProgress | None = None,
     return found
 
 
-def val_members(path: Path, progress: ScanProgress | None = None, skipped: list[dict] | None = None) -> list[Member]:
-    skipped = [] if skipped is None else skipped
+def val_members(path: Path, progress: ScanProgress | None, skipped: list[dict]) -> list[Member]:
+    """The val archive's images; what cannot be one goes to `skipped` with the reason."""
     members = []
     for member, info in scan_tar(path, progress=progress):
         if member is None:

@@ -110,11 +110,12 @@ def ends_cleanly(archive: tarfile.TarFile, size: int) -> bool:
 
 def scan_tar(path: Path, prefix: str = "", progress: ScanProgress | None = None,
              ) -> Iterator[tuple[Member | None, tarfile.TarInfo]]:
-    """(Member, its TarInfo) for every regular file and link of the tar at `path`, in archive order (Member None
-    when the data is not stored there in one piece: `unreadable` says why). A truncated or corrupt archive raises ConvertError naming it and
-    the last member read: tarfile takes a file cut inside a member's data, at a header or inside one, and a
-    corrupt header for the end of the archive, so the last member's end is checked against the file's size
-    and the end against the end-of-archive block. `progress` hears each member's end."""
+    """(Member, its TarInfo) for every regular file and link of the tar at `path`, in archive order (Member
+    None when the data is not stored there in one piece: `unreadable` says why). A truncated or corrupt
+    archive raises ConvertError naming it and the last member read: tarfile takes a file cut inside a
+    member's data, at a header or inside one, and a corrupt header for the end of the archive, so the last
+    member's end is checked against the file's size and the end against the end-of-archive block.
+    `progress` hears each member's end."""
     last, end, size = "(none)", 0, path.stat().st_size if path.is_file() else 0
     with open_tar(path) as archive:
         try:

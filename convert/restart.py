@@ -157,13 +157,13 @@ def restart(data_dir: str | os.PathLike, workers: int | None = None) -> dict:
     workers = workers or os.cpu_count() or 1
     console = Console(stderr=True, soft_wrap=True)
     report = {}
-    paths = {split: data_dir / split_info(manifest, split, data_dir).get("beton", f"{split}.beton")
-             for split in manifest.get("splits", {})}
+    infos = {split: split_info(manifest, split, data_dir) for split in manifest.get("splits", {})}
+    paths = {split: data_dir / info.get("beton", f"{split}.beton") for split, info in infos.items()}
     for split, path in paths.items():   # all there before any is rewritten
         if not path.is_file():
             raise ConvertError(f"{path} (the {split} beton the manifest names) does not exist.")
     for split, path in paths.items():
-        info = split_info(manifest, split, data_dir)
+        info = infos[split]
         before = path.stat().st_size
         found = rewrite_beton(path, workers, console)
         info["size_bytes"], info["sha256"] = path.stat().st_size, sha256_file(path)

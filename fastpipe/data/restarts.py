@@ -5,9 +5,9 @@ The interval: a divisor of the MCU row between 2 and 8 MCUs, the one nearest 4 (
 intervals tile every row and a crop's columns map to whole intervals. Each interval costs its marker (2 bytes)
 and the padding to a byte boundary (3.5 bits on average). Why 4 (`python -m benchmarks restart-intervals`,
 README): 2-MCU intervals decode crops 1-5% faster but double the bytes, to 2.5% on real photographs at quality
-90 and 4% at 75, over the 3% this storage may add; 8 and longer read more of each row for little saved.
-A row without such a divisor (a prime number of MCUs,
-say) gets one interval per row: rows are still skipped, columns are not.
+90 and 4% at 75, over the 3% this storage may add; 8 and longer read more of each row for little saved. A
+row without such a divisor (a prime number of MCUs, say) gets one interval per row: rows are still skipped,
+columns are not.
 """
 from __future__ import annotations
 

@@ -130,15 +130,15 @@ class SampleTable:
                                  f"Re-create it with `python -m convert ... --force`.")
         if names is None:
             return
-        offset = 0
+        offset, position = 0, 0   # rows checked, bytes of names.bin read
         for chunk in self.iter_names():
             lengths = np.fromiter((len(name.encode(errors="surrogateescape")) for name in chunk), np.int64, len(chunk))
+            ends = position + np.cumsum(lengths + 1) - 1   # each name's NUL
             rows = self.rows[offset:offset + len(chunk)]
-            ends = np.cumsum(lengths + 1) - 1 + (rows["name_start"][0] if len(rows) else 0)
             if not (np.array_equal(rows["name_end"], ends) and np.array_equal(rows["name_start"], ends - lengths)):
-                raise BetonError(f"{self.names_path()}: the names do not sit where {self.entry['rows']} says "
-                                 f"(from sample {offset} on). Re-create it with `python -m convert ... --force`.")
-            offset += len(chunk)
+                raise BetonError(f"{names}: the names do not sit where {self.entry['rows']} says (from sample "
+                                 f"{offset} on). Re-create it with `python -m convert ... --force`.")
+            offset, position = offset + len(chunk), int(ends[-1]) + 1
 
     def names_path(self) -> Path | None:
         """names.bin when the split has one (it must exist then: a clear error says how to re-create it)."""
